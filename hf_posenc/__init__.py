@@ -1,0 +1,49 @@
+"""hf_posenc: retrofit the positional encoding of pretrained transformers causal LMs.
+
+>>> import hf_posenc
+>>> handle = hf_posenc.patch(model, "yarn", factor=4)   # in place, this instance only
+>>> hf_posenc.unpatch(model)                            # bitwise back to the original
+"""
+
+from ._version import __version__
+from . import schemes as schemes  # noqa: E402  (registers schemes)
+from . import patches as patches  # noqa: E402  (registers adapters)
+from .api import from_pretrained, get_handle, is_patched, make_scheme, patch, patched, unpatch
+from .errors import (
+    AlreadyPatchedError,
+    CacheRefreshError,
+    HookPointMissingError,
+    InvalidParameterError,
+    NotPatchedError,
+    PosencError,
+    UnknownArchitectureError,
+    UnknownSchemeError,
+    UnsupportedSchemeError,
+)
+from .patches import PatchHandle, list_architectures, refresh_count
+from .schemes import SchemeConfig, list_schemes
+
+__all__ = [
+    "AlreadyPatchedError",
+    "CacheRefreshError",
+    "HookPointMissingError",
+    "InvalidParameterError",
+    "NotPatchedError",
+    "PatchHandle",
+    "PosencError",
+    "SchemeConfig",
+    "UnknownArchitectureError",
+    "UnknownSchemeError",
+    "UnsupportedSchemeError",
+    "__version__",
+    "from_pretrained",
+    "get_handle",
+    "is_patched",
+    "list_architectures",
+    "list_schemes",
+    "make_scheme",
+    "patch",
+    "patched",
+    "refresh_count",
+    "unpatch",
+]

@@ -1,0 +1,57 @@
+"""Everything that differs between supported transformers 5.x releases, in one place.
+
+Landmarks (see README "Supported versions"): the forward keyword for the KV cache is
+``past_key_values`` up to 5.23 and ``cache`` from 5.24; ``Cache.reset`` zeroes dynamic layers in place
+before 5.24 (their length stays) and drops them from 5.24.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import transformers
+from packaging.version import Version
+
+from .errors import CacheRefreshError
+
+TRANSFORMERS_VERSION = Version(transformers.__version__)
+MIN_TRANSFORMERS = Version("5.17.0")
+
+_CACHE_KEYWORDS = ("cache", "past_key_values")
+
+
+def cache_keyword(forward: Callable[..., Any]) -> str:
+    """The name under which ``forward`` takes the KV cache (``cache`` or ``past_key_values``)."""
+    params = inspect.signature(forward).parameters
+    for name in _CACHE_KEYWORDS:
+        if name in params:
+            return name
+    raise CacheRefreshError(
+        f"{getattr(forward, '__qualname__', forward)} takes neither of {_CACHE_KEYWORDS}; "
+        "this transformers release is not supported by hf_posenc's cache refresh."
+    )
+
+
+def output_cache(output: Any) -> Any:
+    """The cache object of a model output, under either attribute name."""
+    for name in _CACHE_KEYWORDS:
+        value = getattr(output, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def empty_cache(cache: Any) -> None:
+    """Empty ``cache`` in place (same object, zero tokens), on every supported release."""
+    cache.reset()
+    if cache.get_seq_length() != 0:  # < 5.24: dynamic layers were zeroed, not dropped
+        for layer in getattr(cache, "layers", ()):
+            keys = getattr(layer, "keys", None)
+            if isinstance(keys, torch.Tensor) and layer.get_max_length() < 0:
+                layer.keys = keys[..., :0, :]
+                layer.values = layer.values[..., :0, :]
+    if cache.get_seq_length() != 0:
+        raise CacheRefreshError(f"Cannot empty a {type(cache).__name__} in place for a cache refresh.")

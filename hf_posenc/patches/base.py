@@ -1,0 +1,86 @@
+"""Architecture adapters: where each model family keeps its position handling, and the one registry."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, TypeVar
+
+from torch import nn
+
+from ..errors import HookPointMissingError, UnknownArchitectureError, UnsupportedSchemeError, did_you_mean
+from ..schemes.base import ModelInfo, SchemeConfig
+from .handle import PatchHandle
+
+_ADAPTERS: dict[str, ArchitectureAdapter] = {}
+
+A = TypeVar("A", bound="type[ArchitectureAdapter]")
+
+
+class ArchitectureAdapter:
+    """Installs schemes into one family of models.
+
+    Subclasses name the ``model_types`` they serve and the scheme ``kinds`` they can host, read the
+    model's geometry in :meth:`model_info`, and make every change through the handle in :meth:`install`.
+    """
+
+    name: ClassVar[str] = ""
+    model_types: ClassVar[tuple[str, ...]] = ()
+    kinds: ClassVar[tuple[str, ...]] = ()
+
+    def model_info(self, model: nn.Module) -> ModelInfo:
+        raise NotImplementedError
+
+    def check_supported(self, scheme: SchemeConfig) -> None:
+        if scheme.kind not in self.kinds:
+            raise UnsupportedSchemeError(
+                f"The {self.name} adapter cannot host scheme {scheme.name!r} (kind {scheme.kind!r}); "
+                f"it hosts kinds: {', '.join(self.kinds)}."
+            )
+
+    def install(self, model: nn.Module, scheme: SchemeConfig, handle: PatchHandle) -> None:
+        raise NotImplementedError
+
+    def native_config(self, model: nn.Module, scheme: SchemeConfig) -> dict[str, Any]:
+        """Config attributes that make plain transformers load the patched model correctly."""
+        return {}
+
+    @staticmethod
+    def require(obj: Any, path: str) -> Any:
+        """Follow a dotted attribute path or raise :class:`HookPointMissingError` naming it."""
+        current = obj
+        for part in path.split("."):
+            if not hasattr(current, part):
+                raise HookPointMissingError(
+                    f"{type(obj).__name__} has no '{path}' (missing '{part}'): the installed "
+                    "transformers moved this model's position handling; hf_posenc cannot patch it."
+                )
+            current = getattr(current, part)
+        return current
+
+
+def register_architecture(cls: A) -> A:
+    """Class decorator: register one adapter instance for each of its model types."""
+    adapter = cls()
+    for model_type in cls.model_types:
+        if model_type in _ADAPTERS:
+            raise ValueError(f"model_type {model_type!r} registered twice")
+        _ADAPTERS[model_type] = adapter
+    return cls
+
+
+def get_adapter(model: nn.Module) -> ArchitectureAdapter:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        raise UnknownArchitectureError(
+            f"{type(model).__name__} has no config.model_type; hf_posenc patches transformers models."
+        )
+    if model_type not in _ADAPTERS:
+        raise UnknownArchitectureError(
+            f"No hf_posenc adapter for model_type {model_type!r}." + did_you_mean(model_type, _ADAPTERS)
+        )
+    return _ADAPTERS[model_type]
+
+
+def list_architectures() -> dict[str, str]:
+    """Supported ``model_type`` values mapped to the adapter that serves them."""
+    return {model_type: adapter.name for model_type, adapter in sorted(_ADAPTERS.items())}

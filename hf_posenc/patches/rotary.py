@@ -1,0 +1,77 @@
+"""The rotary module installed in place of a model's own ``rotary_emb``.
+
+It computes ``(cos, sin)`` from ``position_ids`` exactly as transformers' rotary modules do, from the
+frequencies of any rotary scheme (NoPE included: zero frequencies rotate by the identity).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+
+class FrequencySource(Protocol):
+    """What the rotary module needs from a scheme config."""
+
+    name: str
+    length_dependent: bool
+
+    def frequencies(self, head_dim: int, seq_len: int | None = None) -> tuple[torch.Tensor, float]: ...
+
+    def length_bucket(self, seq_len: int) -> int: ...
+
+
+def sequence_length(position_ids: torch.Tensor) -> int:
+    """The length a length-dependent scheme scales for: the largest position plus one."""
+    return int(position_ids.max()) + 1
+
+
+class PosencRotaryEmbedding(nn.Module):
+    """Drop-in ``rotary_emb``: ``forward(x, position_ids) -> (cos, sin)`` of shape (B, L, head_dim).
+
+    Static schemes keep one frequency buffer. Length-dependent ones (dynamic NTK, LongRoPE) recompute
+    it only when :meth:`FrequencySource.length_bucket` of the current length changes.
+    """
+
+    def __init__(self, scheme: FrequencySource, head_dim: int, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.scheme = scheme
+        self.head_dim = head_dim
+        inv_freq, scaling = scheme.frequencies(head_dim, None)
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+        self.attention_scaling = scaling
+        self._bucket: Any = None
+        if scheme.length_dependent:
+            self._bucket = scheme.length_bucket(0)
+        # Channels past the rotary part (partial rotary) pass through unscaled, as in transformers.
+        rotated = inv_freq != 0
+        self._partial = bool((~rotated).any()) and scaling != 1.0
+        self.register_buffer("_rotated", torch.cat([rotated, rotated]), persistent=False)
+
+    def _refresh_for(self, position_ids: torch.Tensor) -> None:
+        seq_len = sequence_length(position_ids)
+        bucket = self.scheme.length_bucket(seq_len)
+        if bucket != self._bucket:
+            inv_freq, self.attention_scaling = self.scheme.frequencies(self.head_dim, seq_len)
+            self.inv_freq = inv_freq.to(self.inv_freq.device)
+            self._bucket = bucket
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None):
+        if self.scheme.length_dependent:
+            self._refresh_for(position_ids)
+        device_type = x.device.type if x.device.type != "mps" else "cpu"
+        with torch.autocast(device_type=device_type, enabled=False):
+            freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos, sin = emb.cos(), emb.sin()
+            if self._partial:
+                scale = torch.where(self._rotated.to(x.device), self.attention_scaling, 1.0)
+                cos, sin = cos * scale, sin * scale
+            else:
+                cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"scheme={self.scheme.name}, head_dim={self.head_dim}"

@@ -1,0 +1,39 @@
+"""Scheme configs and their pure-torch math. Importing this package registers every scheme."""
+
+from .base import (
+    ModelInfo,
+    SchemeConfig,
+    canonical_scheme_name,
+    get_scheme_class,
+    list_schemes,
+    register_scheme,
+)
+from .nope import NoPEConfig
+from .rope import (
+    DynamicNTKConfig,
+    Llama3Config,
+    LinearConfig,
+    LongRoPEConfig,
+    NTKConfig,
+    RoPEConfig,
+    RotaryScheme,
+    YarnConfig,
+)
+
+__all__ = [
+    "DynamicNTKConfig",
+    "Llama3Config",
+    "LinearConfig",
+    "LongRoPEConfig",
+    "ModelInfo",
+    "NTKConfig",
+    "NoPEConfig",
+    "RoPEConfig",
+    "RotaryScheme",
+    "SchemeConfig",
+    "YarnConfig",
+    "canonical_scheme_name",
+    "get_scheme_class",
+    "list_schemes",
+    "register_scheme",
+]
