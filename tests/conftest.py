@@ -1,0 +1,77 @@
+"""Tiny models built from configs (no downloads) and helpers shared by the tests."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import hf_posenc
+
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+ORIGINAL_LENGTH = 64  # tiny max_position_embeddings, so "past the original context" is cheap
+VOCAB = 97
+
+
+def tiny_config(model_type: str = "llama", **overrides):
+    params = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # GQA
+        max_position_embeddings=ORIGINAL_LENGTH,
+        tie_word_embeddings=False,
+    )
+    params.update(overrides)
+    return AutoConfig.for_model(model_type, **params)
+
+
+def tiny_model(model_type: str = "llama", *, seed: int = 0, attn: str = "eager", **overrides):
+    torch.manual_seed(seed)
+    config = tiny_config(model_type, **overrides)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+
+
+def native_twin(model, patched_config, attn: str = "eager"):
+    """The same weights in a model configured natively with the patched config's rope settings."""
+    overrides = {
+        "rope_parameters": dict(patched_config.rope_parameters),
+        "max_position_embeddings": patched_config.max_position_embeddings,
+    }
+    config = tiny_config(model.config.model_type, **overrides)
+    twin = AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+def cache_kwargs(model, cache) -> dict:
+    """Pass a cache under the keyword this transformers release uses (cache / past_key_values)."""
+    params = inspect.signature(model.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}
+
+
+def out_cache(output):
+    return getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+
+
+def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, VOCAB, (batch, length), generator=g)
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.fixture
+def unpatch_all():
+    """Models registered here are unpatched after the test, if still patched."""
+    models = []
+    yield models.append
+    for m in models:
+        if hf_posenc.is_patched(m):
+            hf_posenc.unpatch(m)
