@@ -66,11 +66,14 @@ def test_parameters_checked_against_the_model():
 
 
 def test_missing_original_length():
-    model = tiny_model()
-    model.config.max_position_embeddings = None  # e.g. a config that never recorded it
+    from hf_posenc.schemes import ModelInfo
+
+    info = ModelInfo("custom", head_dim=16, num_attention_heads=4, max_position_embeddings=None, rope_theta=1e4)
+    scheme = hf_posenc.make_scheme("yarn", factor=2.0)
     with pytest.raises(hf_posenc.InvalidParameterError, match="original_max_position_embeddings is missing"):
-        hf_posenc.patch(model, "yarn", factor=2.0)
-    hf_posenc.patch(model, "yarn", factor=2.0, original_max_position_embeddings=64)  # explicit works
+        scheme.resolve(info)
+    explicit = hf_posenc.make_scheme("yarn", factor=2.0, original_max_position_embeddings=64).resolve(info)
+    assert explicit.original_max_position_embeddings == 64
 
 
 def test_scheme_object_and_keywords_are_exclusive():
