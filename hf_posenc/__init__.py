@@ -5,9 +5,9 @@
 >>> hf_posenc.unpatch(model)                            # bitwise back to the original
 """
 
+from . import patches as patches
+from . import schemes as schemes
 from ._version import __version__
-from . import schemes as schemes  # noqa: E402  (registers schemes)
-from . import patches as patches  # noqa: E402  (registers adapters)
 from .api import from_pretrained, get_handle, is_patched, make_scheme, patch, patched, unpatch
 from .errors import (
     AlreadyPatchedError,

@@ -46,12 +46,15 @@ def output_cache(output: Any) -> Any:
 
 def empty_cache(cache: Any) -> None:
     """Empty ``cache`` in place (same object, zero tokens), on every supported release."""
+    from transformers.cache_utils import DynamicLayer
+
     cache.reset()
-    if cache.get_seq_length() != 0:  # < 5.24: dynamic layers were zeroed, not dropped
-        for layer in getattr(cache, "layers", ()):
-            keys = getattr(layer, "keys", None)
-            if isinstance(keys, torch.Tensor) and layer.get_max_length() < 0:
-                layer.keys = keys[..., :0, :]
-                layer.values = layer.values[..., :0, :]
+    # Before 5.24, reset() zeroed dynamic layers in place and kept their length (sliding-window layers
+    # even report 0 while still holding keys), so drop their contents explicitly.
+    for layer in getattr(cache, "layers", ()):
+        keys = getattr(layer, "keys", None)
+        if isinstance(layer, DynamicLayer) and isinstance(keys, torch.Tensor) and keys.dim() >= 2:
+            layer.keys = keys[..., :0, :]
+            layer.values = layer.values[..., :0, :]
     if cache.get_seq_length() != 0:
         raise CacheRefreshError(f"Cannot empty a {type(cache).__name__} in place for a cache refresh.")

@@ -43,9 +43,7 @@ def is_patched(model: nn.Module) -> bool:
     return get_handle(model) is not None
 
 
-def patch(
-    model: nn.Module, scheme: str | SchemeConfig, *, replace: bool = False, **params: Any
-) -> PatchHandle:
+def patch(model: nn.Module, scheme: str | SchemeConfig, *, replace: bool = False, **params: Any) -> PatchHandle:
     """Replace the position handling of ``model`` in place, on this instance only.
 
     Args:
@@ -72,9 +70,7 @@ def patch(
     try:
         adapter.install(model, resolved, handle)
         native = adapter.native_config(model, resolved)
-        original = {
-            key: model.config.__dict__.get(key, _ABSENT) for key in native
-        }
+        original = {key: model.config.__dict__.get(key, _ABSENT) for key in native}
         for key, value in native.items():
             handle.set_config(model.config, key, value)
         record = {"spec": resolved.to_dict(), "architecture": adapter.name, "original_config": original}

@@ -8,10 +8,10 @@ from typing import ClassVar
 
 import pytest
 import torch
+from conftest import tiny_model
 
 import hf_posenc
 from hf_posenc.schemes import base as scheme_base
-from conftest import tiny_model
 
 
 def test_unknown_scheme_suggests_close_names():
@@ -94,7 +94,7 @@ def bias_scheme():
 
 
 def test_scheme_the_architecture_cannot_host(bias_scheme):
-    with pytest.raises(hf_posenc.UnsupportedSchemeError, match="cannot host scheme 'test_bias'.*rotary, none"):
+    with pytest.raises(hf_posenc.UnsupportedSchemeError, match=r"cannot host scheme 'test_bias'.*rotary, none"):
         hf_posenc.patch(tiny_model(), "test_bias")
 
 
@@ -125,9 +125,8 @@ def test_unpatch_of_unpatched_model():
 
 
 def test_refresh_refuses_a_cache_it_did_not_see():
-    from transformers import DynamicCache
-
     from conftest import cache_kwargs, tokens
+    from transformers import DynamicCache
 
     model = tiny_model()
     cache = DynamicCache(config=model.config)

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
+from conftest import max_diff, tiny_model, tokens
 from transformers import AutoModelForCausalLM
 
 import hf_posenc
-from conftest import max_diff, tiny_model, tokens
 
 SCHEMES = [
     ("yarn", {"factor": 4.0}, True),

@@ -6,9 +6,6 @@ import copy
 
 import pytest
 import torch
-from transformers import DynamicCache
-
-import hf_posenc
 from conftest import (
     LLAMA_FAMILY,
     ORIGINAL_LENGTH,
@@ -18,6 +15,9 @@ from conftest import (
     tiny_model,
     tokens,
 )
+from transformers import DynamicCache
+
+import hf_posenc
 
 HALF = 8
 ALL_SCHEMES = [
@@ -116,13 +116,14 @@ def test_dynamic_refresh_counts_and_stale_mode_is_inexact():
         decode_matches_fresh_forward(stale, 60, 80, tol=1e-4)
 
 
-@pytest.mark.parametrize(("scheme", "params"), [ALL_SCHEMES[4], ALL_SCHEMES[6], ALL_SCHEMES[7]], ids=["dynamic", "yarn", "longrope"])
+@pytest.mark.parametrize(
+    ("scheme", "params"), [ALL_SCHEMES[4], ALL_SCHEMES[6], ALL_SCHEMES[7]], ids=["dynamic", "yarn", "longrope"]
+)
 def test_generate_with_cache_equals_without(scheme, params):
     model = tiny_model("llama")
     hf_posenc.patch(model, scheme, **params)
     x = tokens(2, ORIGINAL_LENGTH - 10, seed=7)
-    kw = dict(max_new_tokens=25, do_sample=False, output_scores=True, return_dict_in_generate=True,
-              pad_token_id=0)
+    kw = dict(max_new_tokens=25, do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0)
     with torch.no_grad():
         cached = model.generate(x, use_cache=True, **kw)
         plain = model.generate(x, use_cache=False, **kw)

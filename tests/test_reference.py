@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import LLAMA_FAMILY, ORIGINAL_LENGTH, max_diff, native_twin, tiny_model, tokens
 
 import hf_posenc
-from conftest import LLAMA_FAMILY, ORIGINAL_LENGTH, max_diff, native_twin, tiny_model, tokens
 
 HALF = 16 // 2  # head_dim 16 -> 8 channel pairs
 NATIVE_SCHEMES = [
@@ -16,8 +16,14 @@ NATIVE_SCHEMES = [
     ("dynamic_ntk", {"factor": 2.0}),
     ("yarn", {"factor": 4.0}),
     ("yarn", {"factor": 2.0, "beta_fast": 8.0, "beta_slow": 2.0, "attention_factor": 1.2}),
-    ("longrope", {"short_factor": [1.0 + 0.1 * i for i in range(HALF)],
-                  "long_factor": [1.0 + 2.0 * i for i in range(HALF)], "factor": 4.0}),
+    (
+        "longrope",
+        {
+            "short_factor": [1.0 + 0.1 * i for i in range(HALF)],
+            "long_factor": [1.0 + 2.0 * i for i in range(HALF)],
+            "factor": 4.0,
+        },
+    ),
     ("llama3", {"factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}),
 ]
 

@@ -20,7 +20,9 @@ INFO = ModelInfo("llama", HEAD_DIM, 4, max_position_embeddings=2048, rope_theta=
 
 def hf_frequencies(rope_parameters: dict, seq_len=None, max_positions=2048):
     config = LlamaConfig(
-        hidden_size=HEAD_DIM * 4, num_attention_heads=4, max_position_embeddings=max_positions,
+        hidden_size=HEAD_DIM * 4,
+        num_attention_heads=4,
+        max_position_embeddings=max_positions,
         rope_parameters={"rope_theta": 10000.0, **rope_parameters},
     )
     return ROPE_INIT_FUNCTIONS[rope_parameters["rope_type"]](config, None, seq_len=seq_len)
@@ -39,15 +41,26 @@ CASES = [
     (
         "yarn",
         {"factor": 8.0, "beta_fast": 16.0, "beta_slow": 2.0, "truncate": False},
-        {"rope_type": "yarn", "factor": 8.0, "beta_fast": 16.0, "beta_slow": 2.0, "truncate": False,
-         "original_max_position_embeddings": 2048},
+        {
+            "rope_type": "yarn",
+            "factor": 8.0,
+            "beta_fast": 16.0,
+            "beta_slow": 2.0,
+            "truncate": False,
+            "original_max_position_embeddings": 2048,
+        },
         None,
     ),
     (
         "yarn",
         {"factor": 4.0, "mscale": 0.707, "mscale_all_dim": 1.0},
-        {"rope_type": "yarn", "factor": 4.0, "mscale": 0.707, "mscale_all_dim": 1.0,
-         "original_max_position_embeddings": 2048},
+        {
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "mscale": 0.707,
+            "mscale_all_dim": 1.0,
+            "original_max_position_embeddings": 2048,
+        },
         None,
     ),
     (
@@ -59,8 +72,13 @@ CASES = [
     (
         "llama3",
         {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 512},
-        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-         "original_max_position_embeddings": 512},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 512,
+        },
         None,
     ),
 ]

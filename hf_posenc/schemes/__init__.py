@@ -11,8 +11,8 @@ from .base import (
 from .nope import NoPEConfig
 from .rope import (
     DynamicNTKConfig,
-    Llama3Config,
     LinearConfig,
+    Llama3Config,
     LongRoPEConfig,
     NTKConfig,
     RoPEConfig,

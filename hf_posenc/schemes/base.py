@@ -66,8 +66,7 @@ class SchemeConfig:
         for key in params:
             if key not in valid:
                 raise InvalidParameterError(
-                    f"Unknown parameter {key!r} for scheme {cls.name!r}."
-                    + did_you_mean(key, valid or ["(none)"])
+                    f"Unknown parameter {key!r} for scheme {cls.name!r}." + did_you_mean(key, valid or ["(none)"])
                 )
         return cls(**params)
 
@@ -105,9 +104,7 @@ def canonical_scheme_name(name: str) -> str:
     key = name.strip().lower().replace("-", "_")
     key = _ALIASES.get(key, key)
     if key not in _REGISTRY:
-        raise UnknownSchemeError(
-            f"Unknown scheme {name!r}." + did_you_mean(key, [*_REGISTRY, *_ALIASES])
-        )
+        raise UnknownSchemeError(f"Unknown scheme {name!r}." + did_you_mean(key, [*_REGISTRY, *_ALIASES]))
     return key
 
 
@@ -138,9 +135,7 @@ def check_number(
             return
         raise InvalidParameterError(f"{scheme}: parameter {key!r} is required.")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidParameterError(
-            f"{scheme}: {key} must be a number, got {type(value).__name__} {value!r}."
-        )
+        raise InvalidParameterError(f"{scheme}: {key} must be a number, got {type(value).__name__} {value!r}.")
     if not math.isfinite(value):
         raise InvalidParameterError(f"{scheme}: {key} must be finite, got {value!r}.")
     if positive and value <= 0:
@@ -159,6 +154,4 @@ def check_int(scheme: str, key: str, value: Any, *, optional: bool = False) -> N
 
 def check_choice(scheme: str, key: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise InvalidParameterError(
-            f"{scheme}: {key} must be one of {', '.join(map(repr, choices))}, got {value!r}."
-        )
+        raise InvalidParameterError(f"{scheme}: {key} must be one of {', '.join(map(repr, choices))}, got {value!r}.")

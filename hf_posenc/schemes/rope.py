@@ -259,9 +259,7 @@ class YarnConfig(_FactorScheme):
         check_number(self.name, "beta_fast", self.beta_fast)
         check_number(self.name, "beta_slow", self.beta_slow)
         if self.beta_fast < self.beta_slow:
-            raise InvalidParameterError(
-                f"yarn: beta_fast ({self.beta_fast}) must be >= beta_slow ({self.beta_slow})."
-            )
+            raise InvalidParameterError(f"yarn: beta_fast ({self.beta_fast}) must be >= beta_slow ({self.beta_slow}).")
         for key in ("attention_factor", "mscale", "mscale_all_dim"):
             check_number(self.name, key, getattr(self, key), optional=True)
         if not isinstance(self.truncate, bool):
@@ -272,14 +270,17 @@ class YarnConfig(_FactorScheme):
 
     def rotary_inv_freq(self, dim: int, base: float, seq_len: int | None) -> torch.Tensor:
         return rm.yarn_inv_freq(
-            dim, base, self.factor, self.original_max_position_embeddings,
-            self.beta_fast, self.beta_slow, self.truncate,
+            dim,
+            base,
+            self.factor,
+            self.original_max_position_embeddings,
+            self.beta_fast,
+            self.beta_slow,
+            self.truncate,
         )
 
     def attention_scaling(self, seq_len: int | None = None) -> float:
-        return rm.yarn_attention_factor(
-            self.factor, self.attention_factor, self.mscale, self.mscale_all_dim
-        )
+        return rm.yarn_attention_factor(self.factor, self.attention_factor, self.mscale, self.mscale_all_dim)
 
     def _native_extra(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -395,7 +396,8 @@ class Llama3Config(_FactorScheme):
         check_number(self.name, "high_freq_factor", self.high_freq_factor)
         if self.high_freq_factor <= self.low_freq_factor:
             raise InvalidParameterError(
-                f"llama3: high_freq_factor ({self.high_freq_factor}) must exceed low_freq_factor ({self.low_freq_factor})."
+                f"llama3: high_freq_factor ({self.high_freq_factor}) must exceed "
+                f"low_freq_factor ({self.low_freq_factor})."
             )
         check_int(self.name, "original_max_position_embeddings", self.original_max_position_embeddings, optional=True)
 
@@ -404,7 +406,11 @@ class Llama3Config(_FactorScheme):
 
     def rotary_inv_freq(self, dim: int, base: float, seq_len: int | None) -> torch.Tensor:
         return rm.llama3_inv_freq(
-            dim, base, self.factor, self.low_freq_factor, self.high_freq_factor,
+            dim,
+            base,
+            self.factor,
+            self.low_freq_factor,
+            self.high_freq_factor,
             self.original_max_position_embeddings,
         )
 

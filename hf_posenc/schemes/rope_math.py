@@ -38,9 +38,7 @@ def ntk_base(dim: int, base: float, alpha: float) -> float:
     return base * alpha ** (dim / (dim - 2))
 
 
-def dynamic_ntk_inv_freq(
-    dim: int, base: float, factor: float, seq_len: int, original_length: int
-) -> torch.Tensor:
+def dynamic_ntk_inv_freq(dim: int, base: float, factor: float, seq_len: int, original_length: int) -> torch.Tensor:
     """Dynamic NTK: the NTK alpha grows with the current length; identity up to ``original_length``."""
     seq_len = max(seq_len, original_length)
     scaled = base * ((factor * seq_len / original_length) - (factor - 1)) ** (dim / (dim - 2))
