@@ -235,3 +235,14 @@ def test_patched_context_manager_unpatches_on_error():
         assert hf_posenc.is_patched(model)
         raise RuntimeError("boom")
     assert not hf_posenc.is_patched(model)
+
+
+def test_flex_attention_agrees_with_sdpa():
+    """flex attention on CPU compiles its kernel (tens of seconds), so one case covers the backend."""
+    x = tokens(2, 100)
+    results = {}
+    for attn in ("sdpa", "flex_attention"):
+        model = tiny_model("llama", attn=attn)
+        hf_posenc.patch(model, "yarn", factor=4.0)
+        results[attn] = logits(model, x)
+    assert max_diff(results["sdpa"], results["flex_attention"]) <= 1e-5

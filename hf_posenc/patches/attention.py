@@ -1,0 +1,157 @@
+"""Attention functions registered with transformers' ``AttentionInterface`` for ALiBi on any family.
+
+Registered once under ``hf_posenc_eager``, ``hf_posenc_sdpa`` and ``hf_posenc_flex_attention``, each
+with the mask function of its base backend (a custom name without one would receive no mask at all).
+A model uses them only after an adapter points *its own* config at one of these names; the function
+reads the ALiBi slopes from the attention module it is called with (a buffer the adapter added), so
+two models in one process never share state.
+
+- eager: scores + dense bias + mask, softmax in fp32 (the reference path).
+- sdpa: transformers' sdpa with the bias as ``position_bias`` (a materialised (1, H, q, kv) float
+  mask: the fallback).
+- flex_attention: the bias is a ``score_mod`` computed per score; no L x L tensor exists.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, flex_attention_mask, sdpa_mask
+
+from ..schemes.alibi import alibi_bias
+
+SLOPES_BUFFER = "hf_posenc_alibi_slopes"
+BACKENDS = ("eager", "sdpa", "flex_attention")
+PREFIX = "hf_posenc_"
+
+
+def registered_name(backend: str) -> str:
+    return PREFIX + backend
+
+
+def base_backend(name: str) -> str:
+    return name[len(PREFIX) :] if name.startswith(PREFIX) else name
+
+
+def _slopes(module: nn.Module) -> torch.Tensor | None:
+    return getattr(module, SLOPES_BUFFER, None)
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def _causal(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    """Boolean (q, kv) causal mask with queries aligned to the last keys."""
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)
+    return torch.arange(kv_len, device=device)[None, :] <= q_pos[:, None]
+
+
+def eager_alibi_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    groups = query.shape[1] // key.shape[1]
+    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    q_len, kv_len = query.shape[2], key.shape[2]
+    slopes = _slopes(module)
+    if slopes is not None:
+        scores = scores + alibi_bias(slopes, q_len, kv_len).to(scores.dtype)[None]
+    if attention_mask is None:
+        scores = scores.masked_fill(~_causal(q_len, kv_len, scores.device), torch.finfo(scores.dtype).min)
+    elif attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask[:, :, :, :kv_len], torch.finfo(scores.dtype).min)
+    else:
+        scores = scores + attention_mask[:, :, :, :kv_len]
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    out = torch.matmul(probs, value)
+    return out.transpose(1, 2).contiguous(), probs
+
+
+def sdpa_alibi_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    slopes = _slopes(module)
+    if slopes is not None:
+        bias = alibi_bias(slopes, query.shape[2], key.shape[2]).to(query.dtype)[None]
+        kwargs["position_bias"] = bias
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_alibi_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if dropout > 0:
+        raise ValueError("flex attention does not support attention dropout; use eval() or eager/sdpa.")
+    block_mask = attention_mask if isinstance(attention_mask, BlockMask) else None
+    dense_mask = None if block_mask is not None or attention_mask is None else attention_mask
+    slopes = _slopes(module)
+    offset = torch.tensor(key.shape[2] - query.shape[2], device=query.device)
+    if slopes is not None:
+        slopes = slopes.to(device=query.device, dtype=torch.float32)
+
+    def score_mod(score, batch_idx, head_idx, q_idx, kv_idx):
+        if slopes is not None:
+            score = score + slopes[head_idx] * (kv_idx - q_idx - offset).to(torch.float32)
+        if dense_mask is not None:
+            score = score + dense_mask[batch_idx, 0, q_idx, kv_idx]
+        return score
+
+    heads = query.shape[1]
+    enable_gqa = heads & (heads - 1) == 0
+    if not enable_gqa:
+        groups = heads // key.shape[1]
+        key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    out = _compiled_flex()(
+        query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling, enable_gqa=enable_gqa
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+_FUNCTIONS = {"eager": eager_alibi_attention, "sdpa": sdpa_alibi_attention, "flex_attention": flex_alibi_attention}
+_MASKS = {"eager": eager_mask, "sdpa": sdpa_mask, "flex_attention": flex_attention_mask}
+
+
+@functools.cache
+def register_backends() -> None:
+    """Register the three functions and their mask functions with transformers (idempotent)."""
+    for backend, fn in _FUNCTIONS.items():
+        AttentionInterface.register(registered_name(backend), fn)
+        AttentionMaskInterface.register(registered_name(backend), _MASKS[backend])
