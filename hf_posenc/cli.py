@@ -34,8 +34,9 @@ def _patch(args: argparse.Namespace) -> int:
         AutoTokenizer.from_pretrained(args.model).save_pretrained(args.out)
     except (OSError, ValueError):
         print("note: no tokenizer found next to the model; saved the model only", file=sys.stderr)
-    print(f"saved {args.model} patched with {handle.scheme.name} to {args.out}; load it with "
-          "hf_posenc.from_pretrained()")
+    print(
+        f"saved {args.model} patched with {handle.scheme.name} to {args.out}; load it with hf_posenc.from_pretrained()"
+    )
     return 0
 
 

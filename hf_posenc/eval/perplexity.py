@@ -44,9 +44,7 @@ def token_nll(
     for start in range(0, targets.shape[1], chunk_size):
         stop = min(start + chunk_size, targets.shape[1])
         logits = head(hidden[:, start:stop]).float()
-        out[:, start:stop] = F.cross_entropy(
-            logits.transpose(1, 2), targets[:, start:stop], reduction="none"
-        )
+        out[:, start:stop] = F.cross_entropy(logits.transpose(1, 2), targets[:, start:stop], reduction="none")
     return out
 
 

@@ -53,6 +53,11 @@ class PatchHandle:
 
     def set_config(self, config: Any, key: str, value: Any) -> None:
         """Set ``config.key`` and remember the original value (or its absence)."""
+        if isinstance(getattr(type(config), key, None), property):  # e.g. _attn_implementation
+            old = getattr(config, key)
+            setattr(config, key, value)
+            self._undo.append(lambda: setattr(config, key, old))
+            return
         old = copy.deepcopy(config.__dict__[key]) if key in config.__dict__ else _MISSING
         setattr(config, key, value)
 
@@ -64,6 +69,17 @@ class PatchHandle:
                 setattr(config, key, copy.deepcopy(old))
 
         self._undo.append(restore)
+
+    def add_buffer(self, module: nn.Module, name: str, tensor: Any) -> None:
+        """Register a non-persistent buffer (follows ``.to()``, not saved) and remove it on undo."""
+        if hasattr(module, name):
+            raise RuntimeError(f"{type(module).__name__} already has an attribute {name!r}")
+        module.register_buffer(name, tensor, persistent=False)
+        self._undo.append(lambda: delattr(module, name))
+
+    def add_hook(self, hook_handle: Any) -> None:
+        """Keep a torch hook handle and remove the hook on undo."""
+        self._undo.append(hook_handle.remove)
 
     def on_undo(self, fn: Callable[[], None]) -> None:
         """Register any other reversal (kept in the same LIFO order)."""

@@ -1,0 +1,80 @@
+"""Pieces every cross-family adapter shares: the attention backend switch, ALiBi slopes, absolute
+position modules and learned-table resizing. No architecture names appear here."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedSchemeError
+from ..schemes.absolute import LearnedConfig, SinusoidalConfig, extend_table
+from ..schemes.alibi import AlibiConfig
+from ..schemes.base import SchemeConfig
+from . import attention
+from .embeddings import LearnedPositions, SinusoidalPositions, ZeroPositions
+from .handle import PatchHandle
+
+PLAIN_BACKENDS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+def current_backend(config) -> str:
+    return attention.base_backend(getattr(config, "_attn_implementation", None) or "eager")
+
+
+def choose_backend(config, requested: str | None, *, needs_hook: bool) -> str | None:
+    """The backend to run: ``requested`` or the model's own. Returns the name to set on the config, or
+    None to leave it. ``needs_hook``: the scheme needs hf_posenc's registered functions (ALiBi, or a
+    family whose attention hf_posenc computes itself)."""
+    backend = requested or current_backend(config)
+    if needs_hook:
+        if backend not in attention.BACKENDS:
+            raise UnsupportedSchemeError(
+                f"attn_implementation={backend!r} cannot host this scheme here; choose one of "
+                f"{', '.join(attention.BACKENDS)}."
+            )
+        attention.register_backends()
+        return attention.registered_name(backend)
+    if requested is None:
+        return None
+    if backend in attention.BACKENDS:  # registered names also serve families whose built-in flex is refused
+        attention.register_backends()
+        return attention.registered_name(backend)
+    if backend not in PLAIN_BACKENDS:
+        raise UnsupportedSchemeError(
+            f"Unknown attn_implementation {backend!r}; choose one of {', '.join(PLAIN_BACKENDS)}."
+        )
+    return backend
+
+
+def set_backend(model: nn.Module, handle: PatchHandle, name: str | None) -> None:
+    if name is not None and name != getattr(model.config, "_attn_implementation", None):
+        handle.set_config(model.config, "_attn_implementation", name)
+
+
+def add_alibi_slopes(
+    modules: Iterable[nn.Module], scheme: AlibiConfig, num_heads: int, handle: PatchHandle, device=None
+) -> None:
+    slopes = scheme.slopes(num_heads).to(device)
+    for module in modules:
+        handle.add_buffer(module, attention.SLOPES_BUFFER, slopes.clone())
+
+
+def absolute_module(
+    scheme: SchemeConfig, hidden_size: int, *, dtype: torch.dtype, device=None, existing: nn.Embedding | None = None
+) -> nn.Module:
+    """The module that maps positions to (B, L, hidden) embeddings for an absolute or empty scheme."""
+    if isinstance(scheme, SinusoidalConfig):
+        return SinusoidalPositions(hidden_size, scheme.base, scheme.scale, dtype=dtype).to(device)
+    if isinstance(scheme, LearnedConfig):
+        if existing is not None and not scheme.new_table:
+            weight = extend_table(existing.weight.detach(), scheme.max_positions, scheme.extend, scheme.init_std)
+        else:
+            weight = torch.empty(scheme.max_positions, hidden_size, dtype=dtype, device=device)
+            weight.normal_(0.0, scheme.init_std)
+        table = LearnedPositions(weight.shape[0], hidden_size, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            table.weight.copy_(weight)
+        return table
+    return ZeroPositions(hidden_size, dtype=dtype).to(device)

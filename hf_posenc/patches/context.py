@@ -1,0 +1,101 @@
+"""Per-forward position bookkeeping for families whose attention does not see position ids.
+
+The decoder's ``forward`` is wrapped on the instance: on every call (prefill, decode step, or a cache
+refresh replay) it works out the position of each new token and stores it on a
+:class:`PositionContext` that the installed pieces (q/k rotation, absolute embeddings) read. It can
+also add an absolute position embedding to the input embeddings, for families that have none.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._compat import cache_keyword
+from .handle import PatchHandle
+
+
+@dataclass
+class PositionContext:
+    """Positions ``(B, L)`` of the tokens of the latest decoder forward, and their rotary tables.
+
+    Kept after the forward returns, so gradient checkpointing's recomputation in backward reads the
+    same values as the forward it belongs to.
+    """
+
+    positions: torch.Tensor | None = None
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+
+    def require(self) -> torch.Tensor:
+        if self.positions is None:
+            raise RuntimeError("hf_posenc: position context read outside a decoder forward.")
+        return self.positions
+
+
+def infer_positions(
+    arguments: dict[str, Any], cache_kw: str, *, from_mask: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Positions of the new tokens: given ``position_ids``; else, if ``from_mask``, from the 2D
+    attention mask (left padding, as generate() does); else ``arange(past, past + L)`` as transformers."""
+    input_ids = arguments.get("input_ids")
+    embeds = arguments.get("inputs_embeds")
+    new = input_ids if input_ids is not None else embeds
+    batch, length = new.shape[0], new.shape[1]
+    extra = arguments.get("kwargs") or {}
+    given = arguments.get("position_ids", extra.get("position_ids"))
+    if given is not None:
+        return given.expand(batch, -1), new
+    cache = arguments.get(cache_kw)
+    past = cache.get_seq_length() if cache is not None else 0
+    mask = arguments.get("attention_mask")
+    if from_mask and mask is not None and mask.dim() == 2:
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+        return positions.to(new.device), new
+    return torch.arange(past, past + length, device=new.device).unsqueeze(0).expand(batch, -1), new
+
+
+def install_position_context(
+    decoder: nn.Module,
+    handle: PatchHandle,
+    *,
+    from_mask: bool = False,
+    embed_positions: nn.Module | None = None,
+    rotary: nn.Module | None = None,
+) -> PositionContext:
+    """Wrap ``decoder.forward`` to fill a :class:`PositionContext`.
+
+    ``embed_positions`` (positions -> (B, L, hidden)) is added to the input embeddings; ``rotary``
+    (a :class:`PosencRotaryEmbedding`) has its (cos, sin) computed once per forward for all layers.
+    """
+    token_embeddings = decoder.get_input_embeddings()
+    context = PositionContext()
+    original = decoder.forward
+    signature = inspect.signature(original)
+    cache_kw = cache_keyword(original)
+
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        positions, new = infer_positions(bound.arguments, cache_kw, from_mask=from_mask)
+        context.positions = positions
+        if rotary is not None:
+            reference = new if new.is_floating_point() else token_embeddings.weight
+            context.cos, context.sin = rotary(reference, positions)
+        if embed_positions is not None:
+            arguments = bound.arguments
+            if arguments.get("inputs_embeds") is None:
+                arguments["inputs_embeds"] = token_embeddings(arguments["input_ids"])
+                arguments["input_ids"] = None
+            embeds = arguments["inputs_embeds"]
+            arguments["inputs_embeds"] = embeds + embed_positions(positions).to(embeds.dtype)
+            extra = arguments.pop("kwargs", {})
+            return original(**arguments, **extra)
+        return original(*args, **kwargs)
+
+    handle.set_attr(decoder, "forward", types.MethodType(forward, decoder))
+    return context
