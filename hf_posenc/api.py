@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 from .errors import AlreadyPatchedError, InvalidParameterError, NotPatchedError
@@ -43,13 +44,24 @@ def is_patched(model: nn.Module) -> bool:
     return get_handle(model) is not None
 
 
-def patch(model: nn.Module, scheme: str | SchemeConfig, *, replace: bool = False, **params: Any) -> PatchHandle:
+def patch(
+    model: nn.Module,
+    scheme: str | SchemeConfig,
+    *,
+    replace: bool = False,
+    attn_implementation: str | None = None,
+    **params: Any,
+) -> PatchHandle:
     """Replace the position handling of ``model`` in place, on this instance only.
 
     Args:
         model: a loaded transformers causal LM (or its base model) of a supported architecture.
         scheme: a scheme name or alias (see :func:`list_schemes`) or a scheme config object.
         replace: unpatch first if the model is already patched (otherwise that is an error).
+        attn_implementation: ``"eager"``, ``"sdpa"`` or ``"flex_attention"`` (``"flash_attention_2"``
+            where installed and the scheme allows): the backend to run; None keeps the model's own.
+        attn_implementation: ``"eager"``, ``"sdpa"`` or ``"flex_attention"`` (``"flash_attention_2"``
+            where installed and the scheme allows): the backend to run; None keeps the model's own.
         **params: the scheme's parameters, with transformers' ``rope_parameters`` key names.
 
     Returns:
@@ -67,13 +79,21 @@ def patch(model: nn.Module, scheme: str | SchemeConfig, *, replace: bool = False
     adapter.check_supported(config)
     resolved = config.resolve(adapter.model_info(model))
     handle = PatchHandle(model, resolved, adapter)
+    before = {k: id(v) for k, v in model.state_dict(keep_vars=True).items()}
     try:
-        adapter.install(model, resolved, handle)
+        adapter.install(model, resolved, handle, attn_implementation)
+        after = model.state_dict(keep_vars=True)
+        handle.owned_keys = sorted(k for k, v in after.items() if before.get(k) != id(v))
         native = adapter.native_config(model, resolved)
         original = {key: model.config.__dict__.get(key, _ABSENT) for key in native}
         for key, value in native.items():
             handle.set_config(model.config, key, value)
-        record = {"spec": resolved.to_dict(), "architecture": adapter.name, "original_config": original}
+        record = {
+            "spec": resolved.to_dict(),
+            "architecture": adapter.name,
+            "original_config": original,
+            "owned_keys": handle.owned_keys,
+        }
         handle.set_config(model.config, CONFIG_KEY, record)
     except BaseException:
         handle.undo()
@@ -142,7 +162,45 @@ def from_pretrained(
         params: dict[str, Any] = {}
     else:
         spec, params = scheme, dict(scheme_params or {})
+    owned = list(record.get("owned_keys", [])) if record is not None else []
+    if owned:  # e.g. a resized learned table: its saved shape differs from the base model's
+        hf_kwargs.setdefault("ignore_mismatched_sizes", True)
     loader = model_class or AutoModelForCausalLM
     model = loader.from_pretrained(path_or_hub_id, config=config, **hf_kwargs)
-    patch(model, spec, **params)
+    handle = patch(model, spec, **params)
+    if owned:
+        load_owned_tensors(model, path_or_hub_id, owned, config_kwargs)
+        for callback in handle.after_load:
+            callback()
     return model
+
+
+def load_owned_tensors(model: nn.Module, path_or_hub_id: str, keys: list[str], hub_kwargs: dict[str, Any]) -> None:
+    """Copy the tensors a patch created (``keys``) from the checkpoint's safetensors files."""
+    import json
+
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    index = cached_file(
+        path_or_hub_id, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs
+    )
+    if index is not None:
+        with open(index) as fh:
+            weight_map = json.load(fh)["weight_map"]
+        files = {key: weight_map[key] for key in keys if key in weight_map}
+    else:
+        files = dict.fromkeys(keys, "model.safetensors")
+    missing = sorted(set(keys) - set(files))
+    state = model.state_dict()
+    for filename in sorted(set(files.values())):
+        with safe_open(cached_file(path_or_hub_id, filename, **hub_kwargs), framework="pt") as fh:
+            present = set(fh.keys())
+            for key in (k for k, f in files.items() if f == filename):
+                if key not in present:
+                    missing.append(key)
+                    continue
+                with torch.no_grad():
+                    state[key].copy_(fh.get_tensor(key))
+    if missing:
+        raise NotPatchedError(f"{path_or_hub_id} lacks tensors its hf_posenc patch created: {', '.join(missing)}.")

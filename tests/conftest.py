@@ -15,17 +15,25 @@ ORIGINAL_LENGTH = 64  # tiny max_position_embeddings, so "past the original cont
 VOCAB = 97
 
 
+GRID_ARCHS = ("gpt2", "llama", "bloom")
+
+
 def tiny_config(model_type: str = "llama", **overrides):
-    params = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # GQA
-        max_position_embeddings=ORIGINAL_LENGTH,
-        tie_word_embeddings=False,
-    )
+    """A 2-layer, 4-head, 64-wide model of the given family (GQA 2 kv heads where the family has it)."""
+    if model_type == "gpt2":
+        params = dict(n_embd=64, n_layer=2, n_head=4, n_positions=ORIGINAL_LENGTH, bos_token_id=0, eos_token_id=0)
+    elif model_type == "bloom":
+        params = dict(hidden_size=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+    else:
+        params = dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,  # GQA
+            max_position_embeddings=ORIGINAL_LENGTH,
+        )
+    params.update(vocab_size=VOCAB, tie_word_embeddings=False)
     params.update(overrides)
     return AutoConfig.for_model(model_type, **params)
 

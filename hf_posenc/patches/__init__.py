@@ -1,12 +1,16 @@
 """Per-architecture adapters. Importing this package registers every adapter."""
 
 from .base import ArchitectureAdapter, get_adapter, list_architectures, register_architecture
+from .bloom import BloomAdapter
+from .gpt2 import GPT2Adapter
 from .handle import PatchHandle
 from .llama import LlamaFamilyAdapter
 from .refresh import refresh_count
 
 __all__ = [
     "ArchitectureAdapter",
+    "BloomAdapter",
+    "GPT2Adapter",
     "LlamaFamilyAdapter",
     "PatchHandle",
     "get_adapter",

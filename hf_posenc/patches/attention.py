@@ -145,13 +145,13 @@ def flex_alibi_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
-_FUNCTIONS = {"eager": eager_alibi_attention, "sdpa": sdpa_alibi_attention, "flex_attention": flex_alibi_attention}
+FUNCTIONS = {"eager": eager_alibi_attention, "sdpa": sdpa_alibi_attention, "flex_attention": flex_alibi_attention}
 _MASKS = {"eager": eager_mask, "sdpa": sdpa_mask, "flex_attention": flex_attention_mask}
 
 
 @functools.cache
 def register_backends() -> None:
     """Register the three functions and their mask functions with transformers (idempotent)."""
-    for backend, fn in _FUNCTIONS.items():
+    for backend, fn in FUNCTIONS.items():
         AttentionInterface.register(registered_name(backend), fn)
         AttentionMaskInterface.register(registered_name(backend), _MASKS[backend])

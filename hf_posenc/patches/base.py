@@ -36,7 +36,11 @@ class ArchitectureAdapter:
                 f"it hosts kinds: {', '.join(self.kinds)}."
             )
 
-    def install(self, model: nn.Module, scheme: SchemeConfig, handle: PatchHandle) -> None:
+    def install(
+        self, model: nn.Module, scheme: SchemeConfig, handle: PatchHandle, attn_implementation: str | None = None
+    ) -> None:
+        """Make every change through ``handle``; ``attn_implementation`` picks the attention backend
+        (None: keep the model's own where it can host the scheme)."""
         raise NotImplementedError
 
     def native_config(self, model: nn.Module, scheme: SchemeConfig) -> dict[str, Any]:

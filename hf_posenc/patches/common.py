@@ -62,11 +62,21 @@ def add_alibi_slopes(
 
 
 def absolute_module(
-    scheme: SchemeConfig, hidden_size: int, *, dtype: torch.dtype, device=None, existing: nn.Embedding | None = None
+    scheme: SchemeConfig | None,
+    hidden_size: int,
+    *,
+    dtype: torch.dtype,
+    device=None,
+    existing: nn.Embedding | None = None,
 ) -> nn.Module:
-    """The module that maps positions to (B, L, hidden) embeddings for an absolute or empty scheme."""
+    """The module that maps positions to (B, L, hidden) embeddings for an absolute or empty scheme.
+
+    ``existing``: the table being replaced. A learned scheme resizes it; any other keeps its values
+    under the same state-dict key, so checkpoints still carry the original model.
+    """
+    retired = existing.weight if existing is not None else None
     if isinstance(scheme, SinusoidalConfig):
-        return SinusoidalPositions(hidden_size, scheme.base, scheme.scale, dtype=dtype).to(device)
+        return SinusoidalPositions(hidden_size, scheme.base, scheme.scale, dtype=dtype, retired=retired).to(device)
     if isinstance(scheme, LearnedConfig):
         if existing is not None and not scheme.new_table:
             weight = extend_table(existing.weight.detach(), scheme.max_positions, scheme.extend, scheme.init_std)
@@ -77,4 +87,4 @@ def absolute_module(
         with torch.no_grad():
             table.weight.copy_(weight)
         return table
-    return ZeroPositions(hidden_size, dtype=dtype).to(device)
+    return ZeroPositions(hidden_size, dtype=dtype, retired=retired).to(device)

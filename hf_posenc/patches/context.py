@@ -9,7 +9,6 @@ also add an absolute position embedding to the input embeddings, for families th
 from __future__ import annotations
 
 import inspect
-import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,5 +96,5 @@ def install_position_context(
             return original(**arguments, **extra)
         return original(*args, **kwargs)
 
-    handle.set_attr(decoder, "forward", types.MethodType(forward, decoder))
+    handle.replace_forward(decoder, forward, signature)
     return context

@@ -10,16 +10,26 @@ from ..errors import InvalidParameterError
 from ..schemes.absolute import sinusoidal_table
 
 
+def keep_retired_table(module: nn.Module, retired: torch.Tensor | None) -> None:
+    """Keep a replaced table's values under the same state-dict key (``<path>.weight``, a buffer that
+    shares its storage), so a saved checkpoint still holds the original model's table."""
+    if retired is not None:
+        module.register_buffer("weight", retired.detach(), persistent=True)
+
+
 class ZeroPositions(nn.Module):
     """Stands in for a learned table (GPT-2's ``wpe``) when positions enter elsewhere or not at all.
 
     It never reads the position values, so no position information reaches the residual stream.
     """
 
-    def __init__(self, hidden_size: int, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, hidden_size: int, dtype: torch.dtype = torch.float32, retired: torch.Tensor | None = None
+    ) -> None:
         super().__init__()
         self.hidden_size = hidden_size
         self.register_buffer("dtype_ref", torch.zeros(0, dtype=dtype), persistent=False)  # follows .to()
+        keep_retired_table(self, retired)
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
         shape = (*position_ids.shape, self.hidden_size)
@@ -32,10 +42,18 @@ class ZeroPositions(nn.Module):
 class SinusoidalPositions(nn.Module):
     """Fixed sinusoidal embeddings computed for the given positions (no length limit)."""
 
-    def __init__(self, hidden_size: int, base: float = 10000.0, scale: float = 1.0, dtype=torch.float32) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        base: float = 10000.0,
+        scale: float = 1.0,
+        dtype: torch.dtype = torch.float32,
+        retired: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.hidden_size, self.base, self.scale = hidden_size, base, scale
         self.register_buffer("dtype_ref", torch.zeros(0, dtype=dtype), persistent=False)  # follows .to()
+        keep_retired_table(self, retired)
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
         table = sinusoidal_table(position_ids, self.hidden_size, self.base) * self.scale

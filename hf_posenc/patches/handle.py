@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import inspect
+import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +30,10 @@ class PatchHandle:
         self.adapter = adapter
         self._undo: list[Callable[[], None]] = []
         self.active = True
+        #: state-dict keys whose tensors the patch created (saved with the model, restored on load)
+        self.owned_keys: list[str] = []
+        #: run by ``from_pretrained`` after the owned tensors are loaded (e.g. to refill an original table)
+        self.after_load: list[Callable[[], None]] = []
 
     @property
     def architecture(self) -> str:
@@ -69,6 +75,13 @@ class PatchHandle:
                 setattr(config, key, copy.deepcopy(old))
 
         self._undo.append(restore)
+
+    def replace_forward(self, module: nn.Module, forward: Callable[..., Any], signature: inspect.Signature) -> None:
+        """Bind ``forward(self, ...)`` as ``module.forward`` on this instance, advertising ``signature``
+        (the signature of the forward it wraps) so later wrappers can bind arguments by name."""
+        params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *signature.parameters.values()]
+        forward.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        self.set_attr(module, "forward", types.MethodType(forward, module))
 
     def add_buffer(self, module: nn.Module, name: str, tensor: Any) -> None:
         """Register a non-persistent buffer (follows ``.to()``, not saved) and remove it on undo."""

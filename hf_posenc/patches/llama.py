@@ -2,7 +2,9 @@
 
 Every rotary scheme (and NoPE, as zero frequencies) is installed by swapping that one module for a
 :class:`PosencRotaryEmbedding` on the instance. Length-dependent schemes also get the exact cache
-refresh wrapper on the decoder.
+refresh wrapper on the decoder. ALiBi and absolute schemes install zero frequencies (identity rotation)
+and then add their own signal: ALiBi through hf_posenc's registered attention backends, absolute
+embeddings added to the input embeddings by the decoder's position context.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ from typing import Any, ClassVar
 from torch import nn
 
 from ..schemes.base import ModelInfo, SchemeConfig
+from ..schemes.nope import NoPEConfig
 from .base import ArchitectureAdapter, register_architecture
+from .common import absolute_module, add_alibi_slopes, choose_backend, set_backend
+from .context import install_position_context
 from .handle import PatchHandle
 from .refresh import install_cache_refresh
 from .rotary import PosencRotaryEmbedding
@@ -24,7 +29,7 @@ class LlamaFamilyAdapter(ArchitectureAdapter):
 
     name: ClassVar[str] = "llama"
     model_types: ClassVar[tuple[str, ...]] = ("llama", "mistral", "qwen2")
-    kinds: ClassVar[tuple[str, ...]] = ("rotary", "none")
+    kinds: ClassVar[tuple[str, ...]] = ("rotary", "none", "alibi", "absolute")
 
     def decoder(self, model: nn.Module) -> nn.Module:
         """The module that owns ``rotary_emb`` (``model.model`` for a CausalLM, else the model)."""
@@ -43,15 +48,29 @@ class LlamaFamilyAdapter(ArchitectureAdapter):
             original_max_position_embeddings=rope.get("original_max_position_embeddings"),
         )
 
-    def install(self, model: nn.Module, scheme: SchemeConfig, handle: PatchHandle) -> None:
+    def install(
+        self, model: nn.Module, scheme: SchemeConfig, handle: PatchHandle, attn_implementation: str | None = None
+    ) -> None:
         decoder = self.decoder(model)
         current = self.require(decoder, "rotary_emb")
+        layers = self.require(decoder, "layers")
         inv_freq = getattr(current, "inv_freq", None)
         device = inv_freq.device if inv_freq is not None and inv_freq.device.type != "meta" else None
-        head_dim = self.model_info(model).head_dim
-        handle.set_attr(decoder, "rotary_emb", PosencRotaryEmbedding(scheme, head_dim, device))
+        info = self.model_info(model)
+        backend = choose_backend(model.config, attn_implementation, needs_hook=scheme.kind == "alibi")
+        frequencies = scheme if scheme.kind == "rotary" else NoPEConfig()
+        handle.set_attr(decoder, "rotary_emb", PosencRotaryEmbedding(frequencies, info.head_dim, device))
         if getattr(scheme, "length_dependent", False) and getattr(scheme, "refresh", "none") == "exact":
             install_cache_refresh(decoder, scheme, handle)
+        if scheme.kind == "alibi":
+            attns = [self.require(layer, "self_attn") for layer in layers]
+            add_alibi_slopes(attns, scheme, info.num_attention_heads, handle, device)
+        if scheme.kind == "absolute":
+            weight = decoder.get_input_embeddings().weight
+            table = absolute_module(scheme, model.config.hidden_size, dtype=weight.dtype, device=weight.device)
+            handle.set_attr(decoder, "hf_posenc_positions", table)
+            install_position_context(decoder, handle, embed_positions=table)
+        set_backend(model, handle, backend)
 
     def native_config(self, model: nn.Module, scheme: SchemeConfig) -> dict[str, Any]:
         native = getattr(scheme, "native_rope_parameters", None)

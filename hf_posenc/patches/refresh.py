@@ -10,7 +10,6 @@ cache object. With a bucketed scale (``bucket_ratio > 1``) refreshes are geometr
 from __future__ import annotations
 
 import inspect
-import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,7 +111,7 @@ def install_cache_refresh(decoder: nn.Module, scheme: Any, handle: PatchHandle) 
             out.hidden_states = tuple(h[:, -length:] for h in out.hidden_states)
         return out
 
-    handle.set_attr(decoder, "forward", types.MethodType(forward, decoder))
+    handle.replace_forward(decoder, forward, signature)
 
 
 def refresh_count(cache: Any) -> int:

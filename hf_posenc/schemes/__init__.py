@@ -1,5 +1,7 @@
 """Scheme configs and their pure-torch math. Importing this package registers every scheme."""
 
+from .absolute import LearnedConfig, SinusoidalConfig
+from .alibi import AlibiConfig
 from .base import (
     ModelInfo,
     SchemeConfig,
@@ -21,6 +23,9 @@ from .rope import (
 )
 
 __all__ = [
+    "AlibiConfig",
+    "LearnedConfig",
+    "SinusoidalConfig",
     "DynamicNTKConfig",
     "Llama3Config",
     "LinearConfig",

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from .base import SchemeConfig, check_choice, check_int, check_number, register_scheme
+from ..errors import InvalidParameterError
+from .base import ModelInfo, SchemeConfig, check_choice, check_int, check_number, register_scheme
 
 EXTEND_METHODS = ("interpolate", "copy", "random")
 
@@ -77,11 +79,16 @@ class LearnedConfig(SchemeConfig):
     init_std: float = 0.02
     new_table: bool = False
 
+    def resolve(self, info: ModelInfo) -> LearnedConfig:
+        if self.max_positions is not None:
+            return self
+        if info.max_position_embeddings is None:
+            raise InvalidParameterError("learned: pass max_positions=N (the model config has no context length).")
+        return dataclasses.replace(self, max_positions=int(info.max_position_embeddings))
+
     def validate(self) -> None:
         check_int(self.name, "max_positions", self.max_positions, optional=True)
         check_choice(self.name, "extend", self.extend, EXTEND_METHODS)
         check_number(self.name, "init_std", self.init_std)
         if not isinstance(self.new_table, bool):
-            from ..errors import InvalidParameterError
-
             raise InvalidParameterError(f"learned: new_table must be a bool, got {self.new_table!r}.")

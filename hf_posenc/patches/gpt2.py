@@ -1,0 +1,97 @@
+"""GPT-2: a learned ``transformer.wpe`` table added to the token embeddings; attention via the registry.
+
+- absolute schemes and NoPE replace ``wpe`` (a learned table can be resized past ``n_positions``);
+- RoPE and its scalings zero ``wpe`` and rotate q and k inside each block's fused ``c_attn`` output (a
+  forward hook), so the cache holds rotated keys exactly as in LLaMA-like models;
+- ALiBi zeros ``wpe`` and routes attention through hf_posenc's registered backends.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..schemes.base import ModelInfo, SchemeConfig
+from .base import ArchitectureAdapter, register_architecture
+from .common import absolute_module, add_alibi_slopes, choose_backend, set_backend
+from .context import PositionContext, install_position_context
+from .embeddings import apply_rotary
+from .handle import PatchHandle
+from .refresh import install_cache_refresh
+from .rotary import PosencRotaryEmbedding
+
+DEFAULT_ROPE_THETA = 10000.0
+
+
+def qkv_rotation_hook(context: PositionContext, num_heads: int, head_dim: int):
+    """A forward hook for a fused (q | k | v) projection: rotate q and k by the context's tables."""
+    width = num_heads * head_dim
+
+    def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        shape = (*output.shape[:-1], num_heads, head_dim)
+        q = apply_rotary(output[..., :width].view(shape), context.cos, context.sin, 2)
+        k = apply_rotary(output[..., width : 2 * width].view(shape), context.cos, context.sin, 2)
+        return torch.cat((q.flatten(-2), k.flatten(-2), output[..., 2 * width :]), dim=-1)
+
+    return hook
+
+
+@register_architecture
+class GPT2Adapter(ArchitectureAdapter):
+    name: ClassVar[str] = "gpt2"
+    model_types: ClassVar[tuple[str, ...]] = ("gpt2",)
+    kinds: ClassVar[tuple[str, ...]] = ("none", "absolute", "rotary", "alibi")
+
+    def decoder(self, model: nn.Module) -> nn.Module:
+        return model if hasattr(model, "wpe") else self.require(model, "transformer")
+
+    def model_info(self, model: nn.Module) -> ModelInfo:
+        config = model.config
+        return ModelInfo(
+            model_type=config.model_type,
+            head_dim=config.n_embd // config.n_head,
+            num_attention_heads=config.n_head,
+            max_position_embeddings=config.n_positions,
+            rope_theta=DEFAULT_ROPE_THETA,
+        )
+
+    def install(
+        self, model: nn.Module, scheme: SchemeConfig, handle: PatchHandle, attn_implementation: str | None = None
+    ) -> None:
+        decoder = self.decoder(model)
+        wpe = self.require(decoder, "wpe")
+        blocks = self.require(decoder, "h")
+        info = self.model_info(model)
+        attns = [self.require(block, "attn") for block in blocks]
+        backend = choose_backend(model.config, attn_implementation, needs_hook=scheme.kind == "alibi")
+        replacement = absolute_module(
+            scheme if scheme.kind == "absolute" else None,
+            model.config.n_embd,
+            dtype=wpe.weight.dtype,
+            device=wpe.weight.device,
+            existing=wpe,
+        )
+        handle.set_attr(decoder, "wpe", replacement)
+        if scheme.name == "learned" and not scheme.new_table:
+            # The extended table keeps the original rows; after a reload they refill the original.
+            rows = min(wpe.num_embeddings, replacement.num_embeddings)
+            handle.after_load.append(lambda: wpe.weight.data[:rows].copy_(replacement.weight.data[:rows]))
+        if scheme.kind == "rotary":
+            rotary = PosencRotaryEmbedding(scheme, info.head_dim, wpe.weight.device)
+            handle.set_attr(decoder, "hf_posenc_rotary", rotary)
+            context = install_position_context(decoder, handle, rotary=rotary)
+            for attn in attns:
+                hook = qkv_rotation_hook(context, info.num_attention_heads, info.head_dim)
+                handle.add_hook(self.require(attn, "c_attn").register_forward_hook(hook))
+            if scheme.length_dependent and getattr(scheme, "refresh", "none") == "exact":
+                install_cache_refresh(decoder, scheme, handle)
+        if scheme.kind == "alibi":
+            add_alibi_slopes(attns, scheme, info.num_attention_heads, handle, wpe.weight.device)
+        set_backend(model, handle, backend)
+
+    def native_config(self, model: nn.Module, scheme: SchemeConfig) -> dict[str, Any]:
+        if scheme.name == "learned":
+            return {"n_positions": scheme.max_positions}
+        return {}
