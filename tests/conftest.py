@@ -15,13 +15,22 @@ ORIGINAL_LENGTH = 64  # tiny max_position_embeddings, so "past the original cont
 VOCAB = 97
 
 
-GRID_ARCHS = ("gpt2", "llama", "bloom")
+GRID_ARCHS = ("gpt2", "llama", "bloom", "gpt_neox")
 
 
 def tiny_config(model_type: str = "llama", **overrides):
     """A 2-layer, 4-head, 64-wide model of the given family (GQA 2 kv heads where the family has it)."""
     if model_type == "gpt2":
         params = dict(n_embd=64, n_layer=2, n_head=4, n_positions=ORIGINAL_LENGTH, bos_token_id=0, eos_token_id=0)
+    elif model_type == "gpt_neox":
+        params = dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=ORIGINAL_LENGTH,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        )
     elif model_type == "bloom":
         params = dict(hidden_size=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
     else:

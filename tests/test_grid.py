@@ -50,7 +50,10 @@ def test_forward_backward_unpatch(arch, scheme, params, backend):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     model.eval().zero_grad(set_to_none=True)
     # Inside the original context these patches leave the function unchanged; all others change it.
-    unchanged = (arch, scheme) in {("gpt2", "learned"), ("llama", "rope"), ("llama", "dynamic_ntk")}
+    unchanged = (arch, scheme) in {
+        ("gpt2", "learned"),
+        *((a, s) for a in ("llama", "gpt_neox") for s in ("rope", "dynamic_ntk")),
+    }
     assert torch.equal(logits(model, short), before) == (unchanged and backend == "eager")
     hf_posenc.unpatch(model)
     assert torch.equal(logits(model, short), before)

@@ -28,10 +28,18 @@ NATIVE_SCHEMES = [
 ]
 
 
-@pytest.mark.parametrize("model_type", LLAMA_FAMILY)
+@pytest.mark.parametrize("model_type", [*LLAMA_FAMILY, "gpt_neox"])
 @pytest.mark.parametrize(("scheme", "params"), NATIVE_SCHEMES, ids=lambda v: v if isinstance(v, str) else "")
 def test_same_logits_as_native(model_type, scheme, params):
     model = tiny_model(model_type)
+    if scheme == "longrope":  # one factor per rotated channel pair (GPT-NeoX rotates a prefix only)
+        info = hf_posenc.patches.get_adapter(model).model_info(model)
+        pairs = int(info.head_dim * info.partial_rotary_factor) // 2
+        params = {
+            **params,
+            "short_factor": params["short_factor"][:pairs],
+            "long_factor": params["long_factor"][:pairs],
+        }
     hf_posenc.patch(model, scheme, **params)
     for length in (ORIGINAL_LENGTH - 16, 3 * ORIGINAL_LENGTH):  # below and above the original context
         x = tokens(2, length)

@@ -3,6 +3,7 @@
 from .base import ArchitectureAdapter, get_adapter, list_architectures, register_architecture
 from .bloom import BloomAdapter
 from .gpt2 import GPT2Adapter
+from .gpt_neox import GPTNeoXAdapter
 from .handle import PatchHandle
 from .llama import LlamaFamilyAdapter
 from .refresh import refresh_count
@@ -11,6 +12,7 @@ __all__ = [
     "ArchitectureAdapter",
     "BloomAdapter",
     "GPT2Adapter",
+    "GPTNeoXAdapter",
     "LlamaFamilyAdapter",
     "PatchHandle",
     "get_adapter",

@@ -30,15 +30,22 @@ class LlamaFamilyAdapter(ArchitectureAdapter):
     name: ClassVar[str] = "llama"
     model_types: ClassVar[tuple[str, ...]] = ("llama", "mistral", "qwen2")
     kinds: ClassVar[tuple[str, ...]] = ("rotary", "none", "alibi", "absolute")
+    #: where the decoder sits in the CausalLM, and the attention module in each layer
+    decoder_attr: ClassVar[str] = "model"
+    attention_attr: ClassVar[str] = "self_attn"
+    #: True where attention rotates only the first ``len(cos)`` channels (GPT-NeoX); False where it
+    #: rotates every channel, so partial rotary becomes zero-frequency pairs (LLaMA)
+    rotary_prefix: ClassVar[bool] = False
 
     def decoder(self, model: nn.Module) -> nn.Module:
-        """The module that owns ``rotary_emb`` (``model.model`` for a CausalLM, else the model)."""
-        return model if hasattr(model, "rotary_emb") else self.require(model, "model")
+        """The module that owns ``rotary_emb`` (``model.<decoder_attr>`` for a CausalLM, else the model)."""
+        return model if hasattr(model, "rotary_emb") else self.require(model, self.decoder_attr)
 
     def model_info(self, model: nn.Module) -> ModelInfo:
         config = model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         rope = getattr(config, "rope_parameters", None) or {}
+        partial = float(rope.get("partial_rotary_factor") or 1.0) if self.rotary_prefix else 1.0
         return ModelInfo(
             model_type=config.model_type,
             head_dim=head_dim,
@@ -46,6 +53,8 @@ class LlamaFamilyAdapter(ArchitectureAdapter):
             max_position_embeddings=getattr(config, "max_position_embeddings", None),
             rope_theta=rope.get("rope_theta"),
             original_max_position_embeddings=rope.get("original_max_position_embeddings"),
+            partial_rotary_factor=partial,
+            native_partial_rotary=self.rotary_prefix,
         )
 
     def install(
@@ -59,11 +68,14 @@ class LlamaFamilyAdapter(ArchitectureAdapter):
         info = self.model_info(model)
         backend = choose_backend(model.config, attn_implementation, needs_hook=scheme.kind == "alibi")
         frequencies = scheme if scheme.kind == "rotary" else NoPEConfig()
-        handle.set_attr(decoder, "rotary_emb", PosencRotaryEmbedding(frequencies, info.head_dim, device))
+        partial = getattr(scheme, "partial_rotary_factor", None) or info.partial_rotary_factor
+        rotary_dim = int(info.head_dim * partial) if self.rotary_prefix else None
+        rotary = PosencRotaryEmbedding(frequencies, info.head_dim, device, rotary_dim=rotary_dim)
+        handle.set_attr(decoder, "rotary_emb", rotary)
         if getattr(scheme, "length_dependent", False) and getattr(scheme, "refresh", "none") == "exact":
             install_cache_refresh(decoder, scheme, handle)
         if scheme.kind == "alibi":
-            attns = [self.require(layer, "self_attn") for layer in layers]
+            attns = [self.require(layer, self.attention_attr) for layer in layers]
             add_alibi_slopes(attns, scheme, info.num_attention_heads, handle, device)
         if scheme.kind == "absolute":
             weight = decoder.get_input_embeddings().weight
@@ -74,7 +86,7 @@ class LlamaFamilyAdapter(ArchitectureAdapter):
 
     def native_config(self, model: nn.Module, scheme: SchemeConfig) -> dict[str, Any]:
         native = getattr(scheme, "native_rope_parameters", None)
-        rope_parameters = native(self.model_info(model).head_dim) if native else None
+        rope_parameters = native(self.model_info(model)) if native else None
         if rope_parameters is None:
             return {}
         out: dict[str, Any] = {"rope_parameters": rope_parameters}

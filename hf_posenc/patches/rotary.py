@@ -35,11 +35,21 @@ class PosencRotaryEmbedding(nn.Module):
     it only when :meth:`FrequencySource.length_bucket` of the current length changes.
     """
 
-    def __init__(self, scheme: FrequencySource, head_dim: int, device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        scheme: FrequencySource,
+        head_dim: int,
+        device: torch.device | None = None,
+        *,
+        rotary_dim: int | None = None,
+    ) -> None:
+        """``rotary_dim``: emit tables only for the first ``rotary_dim`` channels (families whose attention
+        rotates a prefix, such as GPT-NeoX); None pads to ``head_dim`` with identity pairs (LLaMA)."""
         super().__init__()
         self.scheme = scheme
         self.head_dim = head_dim
-        inv_freq, scaling = scheme.frequencies(head_dim, None)
+        self.pairs = (rotary_dim or head_dim) // 2
+        inv_freq, scaling = self._frequencies(None)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
         self.attention_scaling = scaling
         self._bucket: Any = None
@@ -54,9 +64,13 @@ class PosencRotaryEmbedding(nn.Module):
         seq_len = sequence_length(position_ids)
         bucket = self.scheme.length_bucket(seq_len)
         if bucket != self._bucket:
-            inv_freq, self.attention_scaling = self.scheme.frequencies(self.head_dim, seq_len)
+            inv_freq, self.attention_scaling = self._frequencies(seq_len)
             self.inv_freq = inv_freq.to(self.inv_freq.device)
             self._bucket = bucket
+
+    def _frequencies(self, seq_len: int | None) -> tuple[torch.Tensor, float]:
+        inv_freq, scaling = self.scheme.frequencies(self.head_dim, seq_len)
+        return inv_freq[: self.pairs], scaling
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None):
         if self.scheme.length_dependent:

@@ -30,6 +30,10 @@ class ModelInfo:
     max_position_embeddings: int | None
     rope_theta: float | None = None
     original_max_position_embeddings: int | None = None
+    #: fraction of head_dim the family rotates by default, and whether its attention rotates only the
+    #: first channels natively (GPT-NeoX) rather than every channel (LLaMA)
+    partial_rotary_factor: float = 1.0
+    native_partial_rotary: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -31,12 +31,12 @@ class RotaryScheme(SchemeConfig):
     native_rope_type: ClassVar[str | None] = None
 
     rope_theta: float | None = None
-    partial_rotary_factor: float = 1.0
+    partial_rotary_factor: float | None = None
 
     def validate(self) -> None:
         check_number(self.name, "rope_theta", self.rope_theta, optional=True)
-        check_number(self.name, "partial_rotary_factor", self.partial_rotary_factor)
-        if self.partial_rotary_factor > 1:
+        check_number(self.name, "partial_rotary_factor", self.partial_rotary_factor, optional=True)
+        if self.partial_rotary_factor is not None and self.partial_rotary_factor > 1:
             raise InvalidParameterError(
                 f"{self.name}: partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}."
             )
@@ -48,13 +48,15 @@ class RotaryScheme(SchemeConfig):
             raise InvalidParameterError(
                 f"{self.name}: the model config has no rope_theta to inherit; pass rope_theta=..."
             )
-        dim = rm.rotary_dim(info.head_dim, self.partial_rotary_factor)
+        partial = self.partial_rotary_factor if self.partial_rotary_factor is not None else info.partial_rotary_factor
+        dim = rm.rotary_dim(info.head_dim, partial)
         if dim < 2 or dim % 2:
             raise InvalidParameterError(
                 f"{self.name}: head_dim {info.head_dim} x partial_rotary_factor "
-                f"{self.partial_rotary_factor} gives {dim} rotated channels; it must be even and >= 2."
+                f"{partial} gives {dim} rotated channels; it must be even and >= 2."
             )
-        return dataclasses.replace(self, rope_theta=float(theta), **self._resolve_extra(info))
+        resolved = dataclasses.replace(self, rope_theta=float(theta), partial_rotary_factor=float(partial))
+        return dataclasses.replace(resolved, **resolved._resolve_extra(info))
 
     def _resolve_extra(self, info: ModelInfo) -> dict[str, Any]:
         return {}
@@ -88,11 +90,17 @@ class RotaryScheme(SchemeConfig):
         return 0
 
     # -- native transformers form -------------------------------------------------------------
-    def native_rope_parameters(self, head_dim: int) -> dict[str, Any] | None:
+    def native_rope_parameters(self, info: ModelInfo) -> dict[str, Any] | None:
         """``rope_parameters`` that make plain transformers compute the same, or None."""
-        if self.native_rope_type is None or self.partial_rotary_factor != 1.0:
+        if self.native_rope_type is None or not self._native_partial_ok(info):
             return None
-        return {"rope_type": self.native_rope_type, "rope_theta": self.rope_theta, **self._native_extra()}
+        out = {"rope_type": self.native_rope_type, "rope_theta": self.rope_theta, **self._native_extra()}
+        if info.native_partial_rotary:
+            out["partial_rotary_factor"] = self.partial_rotary_factor
+        return out
+
+    def _native_partial_ok(self, info: ModelInfo) -> bool:
+        return self.partial_rotary_factor == 1.0 or info.native_partial_rotary
 
     def _native_extra(self) -> dict[str, Any]:
         return {}
@@ -176,11 +184,14 @@ class NTKConfig(RotaryScheme):
     def rotary_inv_freq(self, dim: int, base: float, seq_len: int | None) -> torch.Tensor:
         return rm.default_inv_freq(dim, rm.ntk_base(dim, base, self.scale))
 
-    def native_rope_parameters(self, head_dim: int) -> dict[str, Any] | None:
+    def native_rope_parameters(self, info: ModelInfo) -> dict[str, Any] | None:
         # A fixed NTK model is a plain RoPE model with a larger theta.
-        if self.partial_rotary_factor != 1.0:
+        if not self._native_partial_ok(info):
             return None
-        return {"rope_type": "default", "rope_theta": self.scaled_theta(head_dim)}
+        out = {"rope_type": "default", "rope_theta": self.scaled_theta(info.head_dim)}
+        if info.native_partial_rotary:
+            out["partial_rotary_factor"] = self.partial_rotary_factor
+        return out
 
 
 @register_scheme
@@ -234,8 +245,8 @@ class DynamicNTKConfig(_FactorScheme):
     def _native_extra(self) -> dict[str, Any]:
         return {"factor": self.factor}
 
-    def native_rope_parameters(self, head_dim: int) -> dict[str, Any] | None:
-        return super().native_rope_parameters(head_dim) if self.bucket_ratio == 1.0 else None
+    def native_rope_parameters(self, info: ModelInfo) -> dict[str, Any] | None:
+        return super().native_rope_parameters(info) if self.bucket_ratio == 1.0 else None
 
 
 @register_scheme
