@@ -15,7 +15,7 @@ ORIGINAL_LENGTH = 64  # tiny max_position_embeddings, so "past the original cont
 VOCAB = 97
 
 
-GRID_ARCHS = ("gpt2", "llama", "bloom", "gpt_neox")
+GRID_ARCHS = ("gpt2", "llama", "bloom", "gpt_neox", "opt")
 
 
 def tiny_config(model_type: str = "llama", **overrides):
@@ -30,6 +30,18 @@ def tiny_config(model_type: str = "llama", **overrides):
             num_attention_heads=4,
             max_position_embeddings=ORIGINAL_LENGTH,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        )
+    elif model_type == "opt":
+        params = dict(
+            hidden_size=64,
+            ffn_dim=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=ORIGINAL_LENGTH,
+            word_embed_proj_dim=64,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=1,
         )
     elif model_type == "bloom":
         params = dict(hidden_size=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)

@@ -93,10 +93,11 @@ def test_gpt2_runs_past_its_table_after_extension():
         logits(model, tokens(1, 300))
 
 
-def test_gpt2_learned_extension_is_native(tmp_path):
+@pytest.mark.parametrize("arch", ["gpt2", "opt"])
+def test_learned_extension_is_native(tmp_path, arch):
     from transformers import AutoModelForCausalLM
 
-    model = tiny_model("gpt2")
+    model = tiny_model(arch)
     hf_posenc.patch(model, "learned", max_positions=128, extend="copy")
     x = tokens(1, 120)
     model.save_pretrained(tmp_path)

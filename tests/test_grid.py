@@ -52,6 +52,7 @@ def test_forward_backward_unpatch(arch, scheme, params, backend):
     # Inside the original context these patches leave the function unchanged; all others change it.
     unchanged = (arch, scheme) in {
         ("gpt2", "learned"),
+        ("opt", "learned"),
         *((a, s) for a in ("llama", "gpt_neox") for s in ("rope", "dynamic_ntk")),
     }
     assert torch.equal(logits(model, short), before) == (unchanged and backend == "eager")
@@ -92,8 +93,8 @@ def test_left_padding_equals_unpadded(arch, scheme, params, backend):
 
 @pytest.mark.parametrize(("arch", "scheme", "params", "backend"), GRID, ids=IDS)
 def test_packed_sequences_equal_separate(arch, scheme, params, backend):
-    if arch == "bloom":
-        pytest.skip("BLOOM's forward takes no position_ids, so transformers cannot build a packed mask for it")
+    if arch in ("bloom", "opt"):
+        pytest.skip(f"transformers builds no packed-sequence mask for {arch} (BLOOM takes no position_ids; OPT never)")
     model = patched_model(arch, scheme, params, backend)
     docs = [tokens(1, 30, seed=31)[0], tokens(1, 20, seed=32)[0]]
     position_ids = torch.cat([torch.arange(len(d)) for d in docs])[None]

@@ -6,6 +6,7 @@ from .gpt2 import GPT2Adapter
 from .gpt_neox import GPTNeoXAdapter
 from .handle import PatchHandle
 from .llama import LlamaFamilyAdapter
+from .opt import OPTAdapter
 from .refresh import refresh_count
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "GPT2Adapter",
     "GPTNeoXAdapter",
     "LlamaFamilyAdapter",
+    "OPTAdapter",
     "PatchHandle",
     "get_adapter",
     "list_architectures",

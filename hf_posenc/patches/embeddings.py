@@ -85,3 +85,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim
     cos = cos.unsqueeze(head_dim_axis_heads)
     sin = sin.unsqueeze(head_dim_axis_heads)
     return (x * cos) + (rotate_half(x) * sin)
+
+
+def projection_rotation_hook(context, num_heads: int, head_dim: int, parts: int):
+    """Forward hook for a projection whose output starts with ``parts`` blocks of (heads x head_dim)
+    to rotate (2 for a fused q|k|v projection, 1 for a separate q or k projection)."""
+    width = num_heads * head_dim
+
+    def hook(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        shape = (*output.shape[:-1], num_heads, head_dim)
+        rotated = [
+            apply_rotary(output[..., i * width : (i + 1) * width].view(shape), context.cos, context.sin, 2).flatten(-2)
+            for i in range(parts)
+        ]
+        return torch.cat((*rotated, output[..., parts * width :]), dim=-1)
+
+    return hook

@@ -10,32 +10,18 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
 from torch import nn
 
 from ..schemes.base import ModelInfo, SchemeConfig
 from .base import ArchitectureAdapter, register_architecture
 from .common import absolute_module, add_alibi_slopes, choose_backend, set_backend
-from .context import PositionContext, install_position_context
-from .embeddings import apply_rotary
+from .context import install_position_context
+from .embeddings import projection_rotation_hook
 from .handle import PatchHandle
 from .refresh import install_cache_refresh
 from .rotary import PosencRotaryEmbedding
 
 DEFAULT_ROPE_THETA = 10000.0
-
-
-def qkv_rotation_hook(context: PositionContext, num_heads: int, head_dim: int):
-    """A forward hook for a fused (q | k | v) projection: rotate q and k by the context's tables."""
-    width = num_heads * head_dim
-
-    def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
-        shape = (*output.shape[:-1], num_heads, head_dim)
-        q = apply_rotary(output[..., :width].view(shape), context.cos, context.sin, 2)
-        k = apply_rotary(output[..., width : 2 * width].view(shape), context.cos, context.sin, 2)
-        return torch.cat((q.flatten(-2), k.flatten(-2), output[..., 2 * width :]), dim=-1)
-
-    return hook
 
 
 @register_architecture
@@ -83,7 +69,7 @@ class GPT2Adapter(ArchitectureAdapter):
             handle.set_attr(decoder, "hf_posenc_rotary", rotary)
             context = install_position_context(decoder, handle, rotary=rotary)
             for attn in attns:
-                hook = qkv_rotation_hook(context, info.num_attention_heads, info.head_dim)
+                hook = projection_rotation_hook(context, info.num_attention_heads, info.head_dim, parts=2)
                 handle.add_hook(self.require(attn, "c_attn").register_forward_hook(hook))
             if scheme.length_dependent and getattr(scheme, "refresh", "none") == "exact":
                 install_cache_refresh(decoder, scheme, handle)
