@@ -20,12 +20,10 @@ from ..errors import UnsupportedSchemeError
 from ..schemes.base import ModelInfo, SchemeConfig
 from . import attention
 from .base import ArchitectureAdapter, register_architecture
-from .common import absolute_module, add_alibi_slopes, choose_backend, set_backend
+from .common import absolute_module, add_alibi_slopes, choose_backend, install_rotary_context, set_backend
 from .context import PositionContext, install_position_context
 from .embeddings import apply_rotary
 from .handle import PatchHandle
-from .refresh import install_cache_refresh
-from .rotary import PosencRotaryEmbedding
 
 DEFAULT_ROPE_THETA = 10000.0
 
@@ -94,11 +92,9 @@ class BloomAdapter(ArchitectureAdapter):
         name = choose_backend(model.config, attn_implementation, needs_hook=True)
         context = None
         if scheme.kind == "rotary":
-            rotary = PosencRotaryEmbedding(scheme, info.head_dim, weight.device)
-            handle.set_attr(decoder, "hf_posenc_rotary", rotary)
-            context = install_position_context(decoder, handle, from_mask=True, rotary=rotary)
-            if scheme.length_dependent and getattr(scheme, "refresh", "none") == "exact":
-                install_cache_refresh(decoder, scheme, handle)
+            context = install_rotary_context(
+                decoder, scheme, info.head_dim, handle, from_mask=True, device=weight.device
+            )
         elif scheme.kind == "absolute":
             table = absolute_module(scheme, model.config.hidden_size, dtype=weight.dtype, device=weight.device)
             handle.set_attr(decoder, "hf_posenc_positions", table)

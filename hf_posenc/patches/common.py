@@ -13,8 +13,11 @@ from ..schemes.absolute import LearnedConfig, SinusoidalConfig, extend_table
 from ..schemes.alibi import AlibiConfig
 from ..schemes.base import SchemeConfig
 from . import attention
-from .embeddings import LearnedPositions, SinusoidalPositions, ZeroPositions
+from .context import PositionContext, install_position_context
+from .embeddings import LearnedPositions, SinusoidalPositions, ZeroPositions, projection_rotation_hook
 from .handle import PatchHandle
+from .refresh import install_cache_refresh
+from .rotary import PosencRotaryEmbedding
 
 PLAIN_BACKENDS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 
@@ -88,3 +91,29 @@ def absolute_module(
             table.weight.copy_(weight)
         return table
     return ZeroPositions(hidden_size, dtype=dtype, retired=retired).to(device)
+
+
+def install_rotary_context(
+    decoder: nn.Module,
+    scheme: SchemeConfig,
+    head_dim: int,
+    handle: PatchHandle,
+    *,
+    from_mask: bool,
+    device=None,
+    projections: Iterable[nn.Module] = (),
+    num_heads: int = 0,
+    parts: int = 1,
+) -> PositionContext:
+    """RoPE for a family whose attention has no rotary step: a rotary module on the decoder, a position
+    context computing (cos, sin) once per forward, rotation hooks on the given q/k ``projections``
+    (``parts`` rotated blocks each), and the exact cache refresh for length-dependent scalings."""
+    rotary = PosencRotaryEmbedding(scheme, head_dim, device)
+    handle.set_attr(decoder, "hf_posenc_rotary", rotary)
+    context = install_position_context(decoder, handle, from_mask=from_mask, rotary=rotary)
+    for projection in projections:
+        hook = projection_rotation_hook(context, num_heads, head_dim, parts=parts)
+        handle.add_hook(projection.register_forward_hook(hook))
+    if getattr(scheme, "length_dependent", False) and getattr(scheme, "refresh", "none") == "exact":
+        install_cache_refresh(decoder, scheme, handle)
+    return context

@@ -14,12 +14,8 @@ from torch import nn
 
 from ..schemes.base import ModelInfo, SchemeConfig
 from .base import ArchitectureAdapter, register_architecture
-from .common import absolute_module, add_alibi_slopes, choose_backend, set_backend
-from .context import install_position_context
-from .embeddings import projection_rotation_hook
+from .common import absolute_module, add_alibi_slopes, choose_backend, install_rotary_context, set_backend
 from .handle import PatchHandle
-from .refresh import install_cache_refresh
-from .rotary import PosencRotaryEmbedding
 
 DEFAULT_ROPE_THETA = 10000.0
 
@@ -65,14 +61,18 @@ class GPT2Adapter(ArchitectureAdapter):
             rows = min(wpe.num_embeddings, replacement.num_embeddings)
             handle.after_load.append(lambda: wpe.weight.data[:rows].copy_(replacement.weight.data[:rows]))
         if scheme.kind == "rotary":
-            rotary = PosencRotaryEmbedding(scheme, info.head_dim, wpe.weight.device)
-            handle.set_attr(decoder, "hf_posenc_rotary", rotary)
-            context = install_position_context(decoder, handle, rotary=rotary)
-            for attn in attns:
-                hook = projection_rotation_hook(context, info.num_attention_heads, info.head_dim, parts=2)
-                handle.add_hook(self.require(attn, "c_attn").register_forward_hook(hook))
-            if scheme.length_dependent and getattr(scheme, "refresh", "none") == "exact":
-                install_cache_refresh(decoder, scheme, handle)
+            projections = [self.require(attn, "c_attn") for attn in attns]  # fused q | k | v
+            install_rotary_context(
+                decoder,
+                scheme,
+                info.head_dim,
+                handle,
+                from_mask=False,
+                device=wpe.weight.device,
+                projections=projections,
+                num_heads=info.num_attention_heads,
+                parts=2,
+            )
         if scheme.kind == "alibi":
             add_alibi_slopes(attns, scheme, info.num_attention_heads, handle, wpe.weight.device)
         set_backend(model, handle, backend)

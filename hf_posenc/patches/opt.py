@@ -15,12 +15,9 @@ from torch import nn
 from ..schemes.absolute import extend_table
 from ..schemes.base import ModelInfo, SchemeConfig
 from .base import ArchitectureAdapter, register_architecture
-from .common import absolute_module, add_alibi_slopes, choose_backend, set_backend
-from .context import install_position_context
-from .embeddings import LearnedPositions, keep_retired_table, projection_rotation_hook
+from .common import absolute_module, add_alibi_slopes, choose_backend, install_rotary_context, set_backend
+from .embeddings import LearnedPositions, keep_retired_table
 from .handle import PatchHandle
-from .refresh import install_cache_refresh
-from .rotary import PosencRotaryEmbedding
 
 OFFSET = 2  # OPT reserves the first two rows of its table
 DEFAULT_ROPE_THETA = 10000.0
@@ -92,15 +89,18 @@ class OPTAdapter(ArchitectureAdapter):
             replacement = OPTPositions(inner.to(weight.device), weight)
         handle.set_attr(decoder, "embed_positions", replacement)
         if scheme.kind == "rotary":
-            rotary = PosencRotaryEmbedding(scheme, info.head_dim, weight.device)
-            handle.set_attr(decoder, "hf_posenc_rotary", rotary)
-            context = install_position_context(decoder, handle, from_mask=True, rotary=rotary)
-            for attn in attns:
-                for projection in ("q_proj", "k_proj"):
-                    hook = projection_rotation_hook(context, info.num_attention_heads, info.head_dim, parts=1)
-                    handle.add_hook(self.require(attn, projection).register_forward_hook(hook))
-            if scheme.length_dependent and getattr(scheme, "refresh", "none") == "exact":
-                install_cache_refresh(decoder, scheme, handle)
+            projections = [self.require(attn, name) for attn in attns for name in ("q_proj", "k_proj")]
+            install_rotary_context(
+                decoder,
+                scheme,
+                info.head_dim,
+                handle,
+                from_mask=True,
+                device=weight.device,
+                projections=projections,
+                num_heads=info.num_attention_heads,
+                parts=1,
+            )
         if scheme.kind == "alibi":
             add_alibi_slopes(attns, scheme, info.num_attention_heads, handle, weight.device)
         set_backend(model, handle, backend)
