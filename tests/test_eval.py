@@ -207,3 +207,19 @@ def test_cli_eval(tmp_path, capsys):
     assert code == 0
     assert "| linear:factor=2 |" in capsys.readouterr().out
     assert json.loads((out / "results.json").read_text())["spec"]["lengths"] == [64, 96]
+
+
+def test_lm_eval_bridge_sees_the_patch(tmp_path):
+    pytest.importorskip("lm_eval")
+    import hf_posenc
+    from hf_posenc.eval.lm_eval_bridge import evaluate_with_lm_eval, lm_eval_model
+
+    model, tok = tiny_model("llama"), char_tokenizer()
+    assert lm_eval_model(model, tok).model is model  # the very instance, patches and all
+    kw = dict(n=4, context_verses=1)
+    plain = evaluate_with_lm_eval(model, tok, tmp_path / "a", **kw)
+    with hf_posenc.patched(model, "linear", factor=4.0):
+        scaled = evaluate_with_lm_eval(model, tok, tmp_path / "b", **kw)
+    assert plain["sample_len"] == scaled["sample_len"] == 4
+    assert plain["perplexity,none"] != scaled["perplexity,none"]
+    assert 0.0 <= scaled["acc,none"] <= 1.0

@@ -42,6 +42,7 @@ def write_json(output: dict, path: str | Path) -> Path:
 def plot_results(output: dict, out_dir: str | Path) -> list[Path]:
     """ppl_vs_length.png, position_loss.png and <task>_heatmap.png, as the results allow."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -56,13 +57,14 @@ def plot_results(output: dict, out_dir: str | Path) -> list[Path]:
         for scheme, entry in results.items():
             ax.plot([r["length"] for r in entry["ppl"]], [r["ppl"] for r in entry["ppl"]], marker="o", label=scheme)
         ax.set(
-            xscale="log",
-            yscale="log",
-            xlabel="window length (tokens)",
-            ylabel="perplexity",
-            title="Perplexity vs. evaluation length",
+            xlabel="window length (tokens)", ylabel="perplexity (log scale)", title="Perplexity vs. evaluation length"
         )
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.minorticks_off()
         ax.set_xticks([r["length"] for r in first["ppl"]], [str(r["length"]) for r in first["ppl"]])
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
         written.append(_save(fig, out_dir / "ppl_vs_length.png"))
