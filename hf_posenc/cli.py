@@ -108,6 +108,12 @@ def _demo(args: argparse.Namespace) -> int:
     return _run(args.model, PRESETS["full" if args.full else "quick"], args.out, args.threads, True)
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from .train import main as train_main
+
+    return train_main([args.config, *args.overrides])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-posenc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -141,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     e.add_argument("--no-plots", action="store_true")
     e.set_defaults(func=_eval)
+
+    f = sub.add_parser("finetune", help="fine-tune for longer context from a recipe YAML (+ key=value overrides)")
+    f.add_argument("config", help="recipe YAML, e.g. recipes/configs/tiny/llama_yarn4_lora.yaml")
+    f.add_argument("overrides", nargs="*", help="key=value overrides of recipe keys")
+    f.set_defaults(func=_finetune)
 
     d = sub.add_parser("demo", help="SmolLM2-135M on the embedded corpus: schemes side by side")
     d.add_argument("--model", default="smollm2", help="HF folder or hub id (default: the packaged SmolLM2-135M)")

@@ -1,0 +1,26 @@
+"""Fine-tuning for longer context: ``hf-posenc finetune CONFIG [key=value ...]`` or
+``accelerate launch recipes/finetune.py CONFIG [key=value ...]``."""
+
+from __future__ import annotations
+
+import sys
+
+from .config import TrainConfig, load_config
+from .engine import TrainResult, latest_checkpoint, train
+
+__all__ = ["TrainConfig", "TrainResult", "latest_checkpoint", "load_config", "main", "train"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: hf-posenc finetune CONFIG.yaml [key=value ...]   (keys: see README, 'Recipes')")
+        return 0 if argv else 2
+    path, overrides = (None, argv) if "=" in argv[0] else (argv[0], argv[1:])
+    result = train(load_config(path, overrides))
+    if result.final_dir is not None:
+        print(
+            f"done at step {result.step}: train loss {result.train_loss:.4f}, eval loss {result.eval_loss}; "
+            f"model in {result.final_dir} (load with hf_posenc.from_pretrained)"
+        )
+    return 0

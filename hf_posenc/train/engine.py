@@ -1,0 +1,259 @@
+"""The fine-tuning loop: accelerate for devices, precision and DDP/FSDP/DeepSpeed; peft for LoRA;
+atomic, resumable checkpoints; JSON-lines logs. One script for one CPU, one GPU or many."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..specs import parse_scheme_spec
+from .config import TrainConfig
+from .data import batch_at, train_val_blocks
+
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"
+# Fault injection for the resume tests: "kill-during-save" SIGKILLs the process after a checkpoint is
+# written but before its rename; "kill-after-step:N" SIGKILLs it right after optimizer step N.
+FAULT_ENV = "HF_POSENC_FAULT"
+EMBEDDING_NAMES = (
+    "embed_tokens",
+    "wte",
+    "wpe",
+    "word_embeddings",
+    "embed_in",
+    "embed_positions",
+    "hf_posenc_positions",
+)
+NORM_NAMES = ("norm", "ln_", "layernorm", "layer_norm")
+
+
+@dataclass
+class TrainResult:
+    step: int
+    final_dir: Path | None
+    train_loss: float
+    eval_loss: float | None
+
+
+def load_model_and_tokenizer(cfg: TrainConfig):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..real_model import smollm2_path
+    from ..tiny import TINY_PREFIX, char_tokenizer, tiny_model
+
+    if cfg.model.startswith(TINY_PREFIX):
+        family = cfg.model[len(TINY_PREFIX) :]
+        attn = "eager" if family == "bloom" else "sdpa"  # BLOOM has no sdpa of its own (a patch adds it)
+        model = tiny_model(family, seed=cfg.seed, attn=attn, context=cfg.tiny_context)
+        return model, char_tokenizer()
+    path = str(smollm2_path()) if cfg.model == "smollm2" else cfg.model
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def prepare_model(cfg: TrainConfig, model):
+    """LoRA (peft) first, then the position patch: hooks hf_posenc installs on q/k projections then sit
+    on the LoRA-wrapped modules, so the low-rank update is rotated too."""
+    import hf_posenc
+
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.lora_target_modules,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+        for name, param in model.named_parameters():
+            lowered = name.lower()
+            if (cfg.trainable_embeddings and any(k in lowered for k in EMBEDDING_NAMES)) or (
+                cfg.trainable_norms and any(k in lowered for k in NORM_NAMES)
+            ):
+                param.requires_grad_(True)
+    parsed = parse_scheme_spec(cfg.scheme)
+    if parsed is not None:
+        target = model.get_base_model() if cfg.method == "lora" else model
+        hf_posenc.patch(target, parsed[0], attn_implementation=cfg.attn_implementation, **parsed[1])
+    return model
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    done = [p for p in output_dir.glob("checkpoint-*") if CHECKPOINT.match(p.name) and (p / STATE_FILE).exists()]
+    return max(done, key=lambda p: int(CHECKPOINT.match(p.name).group(1)), default=None)
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, keep_last: int) -> Path:
+    """Write to a hidden temp folder, then rename: a crash mid-save never leaves a half checkpoint."""
+    final = output_dir / f"checkpoint-{step:07d}"
+    tmp = output_dir / f".checkpoint-{step:07d}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        with open(tmp / STATE_FILE, "w") as fh:
+            json.dump(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if os.environ.get(FAULT_ENV) == "kill-during-save":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        done = sorted(output_dir.glob("checkpoint-*"), key=lambda p: p.name)
+        for old in done[:-keep_last]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+@torch.no_grad()
+def evaluate(model, blocks: torch.Tensor, cfg: TrainConfig, device) -> float | None:
+    if len(blocks) == 0:
+        return None
+    model.eval()
+    losses = []
+    for i in range(min(cfg.eval_batches, math.ceil(len(blocks) / cfg.batch_size))):
+        ids = blocks[i * cfg.batch_size : (i + 1) * cfg.batch_size].to(device)
+        losses.append(model(input_ids=ids, labels=ids, use_cache=False).loss.item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    output_dir = Path(cfg.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision, log_with=cfg.report_to or None, project_dir=str(output_dir)
+    )
+    set_seed(cfg.seed)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for stale in output_dir.glob(".checkpoint-*.tmp"):
+            shutil.rmtree(stale)
+        (output_dir / "config.yaml").write_text(json.dumps(cfg.to_dict(), indent=2))
+    model, tokenizer = load_model_and_tokenizer(cfg)
+    model = prepare_model(cfg, model)
+    val_len = cfg.pose_target_len or cfg.seq_len
+    train_blocks, val_blocks = train_val_blocks(
+        tokenizer, cfg.data, cfg.seq_len, val_len, cfg.val_fraction, num_proc=cfg.num_proc, max_tokens=cfg.max_tokens
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
+    # The scheduler is not passed to prepare(): accelerate would step it once per process per step, and
+    # `steps` here counts optimizer steps of the global batch. It is still saved with the checkpoint.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    if cfg.report_to:
+        accelerator.init_trackers("hf_posenc", config={k: str(v) for k, v in cfg.to_dict().items()})
+
+    step = 0
+    resume = latest_checkpoint(output_dir)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        step = json.loads((resume / STATE_FILE).read_text())["step"]
+        accelerator.print(f"resumed from {resume} at step {step}")
+
+    log_path = output_dir / "metrics.jsonl"
+    world, rank = accelerator.num_processes, accelerator.process_index
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and accelerator.is_local_main_process))
+    model.train()
+    start, start_step = time.perf_counter(), step
+    loss_value, eval_loss = float("nan"), None
+    while step < cfg.steps:
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            index = step * cfg.grad_accum + micro
+            batch = batch_at(
+                train_blocks, index, cfg.batch_size * world, seed=cfg.seed, pose_target_len=cfg.pose_target_len
+            )
+            batch = {
+                k: v[rank * cfg.batch_size : (rank + 1) * cfg.batch_size].to(accelerator.device)
+                for k, v in batch.items()
+            }
+            sync = micro == cfg.grad_accum - 1
+            with nullcontext() if sync else accelerator.no_sync(model):
+                loss = model(**batch, use_cache=False).loss / cfg.grad_accum
+                accelerator.backward(loss)
+            total += loss.detach()
+        if cfg.max_grad_norm:
+            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        loss_value = accelerator.reduce(total, reduction="mean").item()
+        elapsed = time.perf_counter() - start
+        tokens_per_s = (step - start_step) * tokens_per_step / max(elapsed, 1e-9)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:.0f}")
+        record = None
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            record = {
+                "step": step,
+                "loss": loss_value,
+                "lr": scheduler.get_last_lr()[0],
+                "tokens_per_s": tokens_per_s,
+                "processes": world,
+            }
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            eval_loss = evaluate(model, val_blocks, cfg, accelerator.device)
+            if eval_loss is not None:
+                record = {**(record or {"step": step}), "eval_loss": eval_loss, "eval_len": val_len}
+        if record is not None and accelerator.is_main_process:
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            if cfg.report_to:
+                accelerator.log(record, step=step)
+        if step % cfg.save_every == 0 and step < cfg.steps:
+            save_checkpoint(accelerator, output_dir, step, {"step": step, "loss": loss_value}, cfg.keep_last)
+        if os.environ.get(FAULT_ENV) == f"kill-after-step:{step}":
+            os.kill(os.getpid(), signal.SIGKILL)
+    bar.close()
+    final_dir = save_final(accelerator, model, tokenizer, cfg, output_dir)
+    if cfg.report_to:
+        accelerator.end_training()
+    return TrainResult(step, final_dir, loss_value, eval_loss)
+
+
+def save_final(accelerator, model, tokenizer, cfg: TrainConfig, output_dir: Path) -> Path | None:
+    """``<output_dir>/final``: a model ``hf_posenc.from_pretrained`` loads with its scheme (LoRA merged),
+    or the LoRA adapter plus the recipe when ``save_merged`` is false."""
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return None
+    final = output_dir / "final"
+    tmp = output_dir / ".final.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    unwrapped = accelerator.unwrap_model(model)
+    if cfg.method == "lora" and cfg.save_merged:
+        unwrapped = unwrapped.merge_and_unload()
+    unwrapped.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final

@@ -1,0 +1,160 @@
+"""Recipes: configs validate, runs learn, checkpoints are atomic and resume exactly, DDP matches one
+process, and the final model reloads with its scheme."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import hf_posenc
+from hf_posenc.train import load_config, train
+from hf_posenc.train.data import batch_at, pose_position_ids
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "recipes" / "configs").rglob("*.yaml"))
+TINY = [c for c in CONFIGS if c.name.startswith("tiny_")]
+SCRIPT = ROOT / "recipes" / "finetune.py"
+FAST = ["steps=12", "save_every=4", "eval_every=6", "log_every=1", "max_tokens=40000", "keep_last=5"]
+
+
+def run_script(config: Path, out: Path, *extra: str, env: dict | None = None, launcher: list[str] | None = None):
+    cmd = [*(launcher or [sys.executable]), str(SCRIPT), str(config), f"output_dir={out}", *FAST, *extra]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=600)
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "final" / "model.safetensors")
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(c.relative_to(ROOT / "recipes" / "configs")) for c in CONFIGS])
+def test_every_recipe_validates_and_names_its_command(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and str(path.relative_to(ROOT)) in first
+    cfg = load_config(path)
+    assert cfg.output_dir.startswith("runs/")
+
+
+def test_tiny_config_for_each_recipe():
+    real = {c.name for c in CONFIGS if not c.name.startswith("tiny_")}
+    assert {f"tiny_{name}" for name in real} <= {c.name for c in TINY}
+
+
+def test_accelerate_configs_load():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    for path in (ROOT / "recipes" / "accelerate").glob("*.yaml"):
+        assert load_config_from_file(str(path)).num_processes >= 2, path  # multi-GPU configs
+
+
+def test_config_errors_and_overrides(tmp_path):
+    with pytest.raises(hf_posenc.InvalidParameterError, match=r"Unknown recipe key 'stpes'.*Did you mean 'steps'"):
+        load_config(None, ["stpes=3"])
+    with pytest.raises(hf_posenc.InvalidParameterError, match="method must be one of full, lora"):
+        load_config(None, ["method=qlora"])
+    with pytest.raises(hf_posenc.InvalidParameterError, match="steps must be a positive int"):
+        load_config(None, ["steps=0"])
+    with pytest.raises(hf_posenc.InvalidParameterError, match="pose_target_len"):
+        load_config(None, ["seq_len=128", "pose_target_len=64"])
+    with pytest.raises(hf_posenc.UnknownSchemeError):
+        load_config(None, ["scheme=yarm:factor=2"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: tiny:llama\nlearning_rate: 0.1\n")
+    with pytest.raises(hf_posenc.InvalidParameterError, match="unknown recipe key 'learning_rate'"):
+        load_config(bad)
+    cfg = load_config(TINY[0], ["weight_decay=1", "scheme=yarn:factor=4", "steps=7"])
+    assert cfg.steps == 7 and cfg.scheme == "yarn:factor=4" and cfg.weight_decay == 1.0
+
+
+def test_batches_are_a_pure_function_of_seed_and_index():
+    blocks = torch.arange(40).view(10, 4)
+    a, b = batch_at(blocks, 7, 3, seed=1), batch_at(blocks, 7, 3, seed=1)
+    assert torch.equal(a["input_ids"], b["input_ids"])
+    epoch = torch.cat([batch_at(blocks, i, 3, seed=1)["input_ids"] for i in range(3)])
+    assert len(set(epoch[:, 0].tolist())) == 9  # no repeats within an epoch
+
+
+def test_pose_positions_span_the_target():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        pos = pose_position_ids(64, 512, g)
+        jumps = (pos[1:] - pos[:-1]) != 1
+        assert pos[0] == 0 and pos.max() < 512 and jumps.sum() <= 1 and torch.all(pos[1:] > pos[:-1])
+
+
+@pytest.mark.parametrize("path", TINY, ids=[c.name for c in TINY])
+def test_tiny_recipes_learn_and_reload(tmp_path, path):
+    overrides = ["steps=25", "eval_every=25", "log_every=1", "max_tokens=60000", f"output_dir={tmp_path}"]
+    result = train(load_config(path, overrides), progress=False)
+    losses = [m["loss"] for m in metrics(tmp_path)]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.05  # the training loss falls
+    model = hf_posenc.from_pretrained(str(result.final_dir))
+    cfg = load_config(path)
+    name, params = _scheme(cfg.scheme)
+    assert hf_posenc.get_handle(model).scheme.name == hf_posenc.make_scheme(name, **params).name
+    assert not any("lora" in k for k in model.state_dict())  # LoRA merged
+    x = torch.randint(2, 97, (1, 2 * cfg.tiny_context))
+    with torch.no_grad():
+        again = hf_posenc.from_pretrained(str(result.final_dir))
+        assert torch.equal(model(x).logits, again(x).logits)
+
+
+def _scheme(spec: str):
+    name, _, rest = spec.partition(":")
+    params = {k: yaml.safe_load(v) for k, v in (p.split("=") for p in rest.split(":") if p)}
+    return name, params
+
+
+CONFIG = ROOT / "recipes" / "configs" / "llama" / "tiny_yarn4_lora.yaml"
+
+
+def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert run_script(CONFIG, straight).returncode == 0
+    crash = run_script(CONFIG, killed, env={"HF_POSENC_FAULT": "kill-after-step:10"})
+    assert crash.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in killed.glob("checkpoint-*")) == ["checkpoint-0000004", "checkpoint-0000008"]
+    resumed = run_script(CONFIG, killed)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout + resumed.stderr
+    a, b = final_weights(straight), final_weights(killed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kill_during_save_leaves_no_corrupt_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    crash = run_script(CONFIG, out, env={"HF_POSENC_FAULT": "kill-during-save"})
+    assert crash.returncode == -signal.SIGKILL
+    assert not list(out.glob("checkpoint-*")) and list(out.glob(".checkpoint-*.tmp"))
+    assert run_script(CONFIG, out).returncode == 0  # starts over, cleans the partial save
+    assert not list(out.glob(".checkpoint-*.tmp")) and (out / "final" / "model.safetensors").exists()
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    config = ROOT / "recipes" / "configs" / "llama" / "tiny_pi2_full.yaml"
+    single = run_script(config, tmp_path / "one", "batch_size=4")
+    assert single.returncode == 0, single.stderr[-2000:]
+    # torchrun is what `accelerate launch` runs for several processes; on CPU accelerate uses gloo.
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    ddp = run_script(config, tmp_path / "two", "batch_size=2", launcher=launcher, env={"ACCELERATE_USE_CPU": "true"})
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert {m["processes"] for m in two} == {2} and {m["processes"] for m in one} == {1}
+    assert [m["step"] for m in one] == [m["step"] for m in two]
+    assert [m["lr"] for m in one] == [m["lr"] for m in two]
+    for a, b in zip(one, two, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=2e-4)
+    wa, wb = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-3
