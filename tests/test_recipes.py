@@ -158,3 +158,78 @@ def test_two_process_ddp_matches_one_process(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], abs=2e-4)
     wa, wb = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-3
+
+
+def heldout_loss(path_or_model, length: int, scheme: str | None = None) -> float:
+    """Mean NLL on the KJV's last book (never trained on: the recipes hold out the tail)."""
+    from hf_posenc.corpus import load_documents
+    from hf_posenc.eval import evaluate_perplexity
+    from hf_posenc.tiny import char_tokenizer
+
+    model = path_or_model
+    if isinstance(model, (str, Path)):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(model)).eval()
+    ids = char_tokenizer()(load_documents("kjv")[-1])["input_ids"]
+    if scheme is None:
+        return evaluate_perplexity(model, ids, length, max_windows=8, batch_size=8).nll
+    name, params = _scheme(scheme)
+    with hf_posenc.patched(model, name, **params):
+        return evaluate_perplexity(model, ids, length, max_windows=8, batch_size=8).nll
+
+
+def pretrain(model: str, out: Path, steps: int = 150) -> Path:
+    cfg = load_config(
+        None,
+        [
+            f"model={model}",
+            "method=full",
+            "seq_len=64",
+            f"steps={steps}",
+            "batch_size=8",
+            "lr=0.003",
+            "max_tokens=300000",
+            "eval_every=1000",
+            "save_every=1000",
+            f"output_dir={out}",
+        ],
+    )
+    return train(cfg, progress=False).final_dir
+
+
+def test_recipes_show_their_point(tmp_path):
+    """GPT-2 learned -> RoPE: after the swap, fine-tuning at twice the old table's length brings the loss
+    below the zero-shot swap and runs past the table as well as the original ran inside it. LLaMA +
+    YaRN x4: the loss at 4x the trained length falls with a short LoRA fine-tune at that length.
+    (A tiny model leans little on positions, so the swap itself costs little here.)"""
+    gpt2 = pretrain("tiny:gpt2", tmp_path / "gpt2")
+    before, swapped = heldout_loss(gpt2, 64), heldout_loss(gpt2, 64, "rope")
+    tuned = train(
+        load_config(
+            ROOT / "recipes/configs/gpt2/tiny_learned_to_rope_full.yaml",
+            [f"model={gpt2}", "steps=80", "batch_size=8", "max_tokens=300000", f"output_dir={tmp_path / 'gpt2-rope'}"],
+        ),
+        progress=False,
+    )
+    retrofit = hf_posenc.from_pretrained(str(tuned.final_dir)).eval()
+    assert heldout_loss(retrofit, 64) < swapped - 0.02
+    assert heldout_loss(retrofit, 128) < before + 0.02
+
+    llama = pretrain("tiny:llama", tmp_path / "llama")
+    zero_shot = heldout_loss(llama, 256, "yarn:factor=4")
+    tuned = train(
+        load_config(
+            ROOT / "recipes/configs/llama/tiny_yarn4_lora.yaml",
+            [
+                f"model={llama}",
+                "steps=40",
+                "batch_size=4",
+                "max_tokens=300000",
+                f"output_dir={tmp_path / 'llama-yarn'}",
+            ],
+        ),
+        progress=False,
+    )
+    after = heldout_loss(hf_posenc.from_pretrained(str(tuned.final_dir)).eval(), 256)
+    assert after < zero_shot - 0.03
