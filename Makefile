@@ -7,7 +7,7 @@ PIP = $(VENV)/bin/pip install -q --disable-pip-version-check -c constraints-cpu.
 STAMP = $(VENV)/.installed
 DEMO_ARGS ?=
 
-.PHONY: test demo lint format clean
+.PHONY: test demo bench lint format clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PY) -m venv $(VENV)
@@ -22,13 +22,17 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/hf-posenc demo $(DEMO_ARGS)
 
+bench: $(STAMP)
+	$(VENV)/bin/python benchmarks/bench.py
+	$(VENV)/bin/python benchmarks/alibi_backends.py --lengths 1024,2048,4096,8192
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check hf_posenc tests
-	$(VENV)/bin/ruff format --check hf_posenc tests
+	$(VENV)/bin/ruff check hf_posenc tests benchmarks recipes
+	$(VENV)/bin/ruff format --check hf_posenc tests benchmarks recipes
 
 format: $(STAMP)
-	$(VENV)/bin/ruff check --fix hf_posenc tests
-	$(VENV)/bin/ruff format hf_posenc tests
+	$(VENV)/bin/ruff check --fix hf_posenc tests benchmarks recipes
+	$(VENV)/bin/ruff format hf_posenc tests benchmarks recipes
 
 clean:
 	rm -rf .venv .venv-* *.egg-info

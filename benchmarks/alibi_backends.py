@@ -43,8 +43,13 @@ def measure(variant: str, length: int) -> dict:
             model(x)
             times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"variant": variant, "length": length, "seconds": statistics.median(times), "peak_rss_mib": peak / 1024,
-            "warm_rss_mib": base_rss / 1024}
+    return {
+        "variant": variant,
+        "length": length,
+        "seconds": statistics.median(times),
+        "peak_rss_mib": peak / 1024,
+        "warm_rss_mib": base_rss / 1024,
+    }
 
 
 def main() -> None:

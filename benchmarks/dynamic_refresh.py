@@ -26,8 +26,13 @@ ORIGINAL, PROMPT, TOTAL = 512, 384, 1536
 def build(rope_parameters=None) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-        num_key_value_heads=4, max_position_embeddings=ORIGINAL,
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=ORIGINAL,
         rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 10000.0},
     )
     return LlamaForCausalLM(config).eval()

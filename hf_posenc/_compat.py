@@ -58,3 +58,9 @@ def empty_cache(cache: Any) -> None:
             layer.values = layer.values[..., :0, :]
     if cache.get_seq_length() != 0:
         raise CacheRefreshError(f"Cannot empty a {type(cache).__name__} in place for a cache refresh.")
+
+
+def enable_activation_checkpointing(model: Any) -> None:
+    """Gradient (activation) checkpointing, non-reentrant; the method was renamed in newer 5.x."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})

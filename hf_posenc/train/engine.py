@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .._compat import enable_activation_checkpointing
 from ..specs import parse_scheme_spec
 from .config import TrainConfig
 from .data import batch_at, train_val_blocks
@@ -67,7 +68,7 @@ def prepare_model(cfg: TrainConfig, model):
     import hf_posenc
 
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
         model.config.use_cache = False
     if cfg.method == "lora":
         from peft import LoraConfig, get_peft_model
