@@ -26,6 +26,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_posenc
+from hf_posenc._compat import enable_activation_checkpointing
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 LLAMA_1B = dict(
@@ -92,8 +93,7 @@ def lora_training(device, dtype, config: dict, lengths: list[int], steps: int, t
                     AutoConfig.for_model("llama", **config), attn_implementation=attn, dtype=dtype
                 ).to(device)
                 n_params = sum(p.numel() for p in model.parameters())
-                enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-                enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                enable_activation_checkpointing(model)
                 model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
                 hf_posenc.patch(model.get_base_model(), "yarn", factor=8.0)
                 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

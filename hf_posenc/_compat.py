@@ -62,5 +62,8 @@ def empty_cache(cache: Any) -> None:
 
 def enable_activation_checkpointing(model: Any) -> None:
     """Gradient (activation) checkpointing, non-reentrant; the method was renamed in newer 5.x."""
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
