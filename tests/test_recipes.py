@@ -233,3 +233,21 @@ def test_recipes_show_their_point(tmp_path):
     )
     after = heldout_loss(hf_posenc.from_pretrained(str(tuned.final_dir)).eval(), 256)
     assert after < zero_shot - 0.03
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path):
+    runs = {}
+    for gc in ("false", "true"):
+        cfg = load_config(
+            TINY[0],
+            [
+                "steps=3",
+                "log_every=1",
+                "max_tokens=30000",
+                f"gradient_checkpointing={gc}",
+                f"output_dir={tmp_path / gc}",
+            ],
+        )
+        train(cfg, progress=False)
+        runs[gc] = [m["loss"] for m in metrics(tmp_path / gc)]
+    assert runs["true"] == pytest.approx(runs["false"], abs=1e-5)
