@@ -7,7 +7,7 @@ PIP = $(VENV)/bin/pip install -q --disable-pip-version-check -c constraints-cpu.
 STAMP = $(VENV)/.installed
 DEMO_ARGS ?=
 
-.PHONY: test demo bench lint format clean
+.PHONY: test demo bench evidence lint format clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PY) -m venv $(VENV)
@@ -26,13 +26,16 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench.py
 	$(VENV)/bin/python benchmarks/alibi_backends.py --lengths 1024,2048,4096,8192
 
+evidence: $(STAMP)
+	$(VENV)/bin/python experiments/evidence.py experiments/evidence.yaml
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check hf_posenc tests benchmarks recipes
-	$(VENV)/bin/ruff format --check hf_posenc tests benchmarks recipes
+	$(VENV)/bin/ruff check hf_posenc tests benchmarks recipes experiments
+	$(VENV)/bin/ruff format --check hf_posenc tests benchmarks recipes experiments
 
 format: $(STAMP)
-	$(VENV)/bin/ruff check --fix hf_posenc tests benchmarks recipes
-	$(VENV)/bin/ruff format hf_posenc tests benchmarks recipes
+	$(VENV)/bin/ruff check --fix hf_posenc tests benchmarks recipes experiments
+	$(VENV)/bin/ruff format hf_posenc tests benchmarks recipes experiments
 
 clean:
 	rm -rf .venv .venv-* *.egg-info

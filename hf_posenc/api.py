@@ -166,7 +166,17 @@ def from_pretrained(
     if owned:  # e.g. a resized learned table: its saved shape differs from the base model's
         hf_kwargs.setdefault("ignore_mismatched_sizes", True)
     loader = model_class or AutoModelForCausalLM
-    model = loader.from_pretrained(path_or_hub_id, config=config, **hf_kwargs)
+    if owned:  # the patch's own tensors are expected to be "unexpected" to the base model: load them below
+        from transformers.utils import logging as hf_logging
+
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model = loader.from_pretrained(path_or_hub_id, config=config, **hf_kwargs)
+        finally:
+            hf_logging.set_verbosity(level)
+    else:
+        model = loader.from_pretrained(path_or_hub_id, config=config, **hf_kwargs)
     handle = patch(model, spec, **params)
     if owned:
         load_owned_tensors(model, path_or_hub_id, owned, config_kwargs)

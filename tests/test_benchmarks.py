@@ -21,3 +21,27 @@ def test_gpu_script_runs_at_toy_size_on_cpu(tmp_path):
     text = out.read_text()
     assert "| sdpa | 64 |" in text and "| hf_posenc alibi sdpa | 64 |" in text
     assert "Error" not in text
+
+
+def test_evidence_script_runs_at_toy_size(tmp_path):
+    import json
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "evidence.py"),
+            str(ROOT / "experiments" / "evidence_toy.yaml"),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results["train_short"]) == 15
+    assert results["train_short"]["gpt2/learned"]["nll"]["64"] is None  # cannot run past its table
+    assert results["train_short"]["llama/alibi"]["nll"]["64"] is not None
+    assert (tmp_path / "train_short.png").stat().st_size > 1000 and "| llama/rope |" in (
+        tmp_path / "README.md"
+    ).read_text()

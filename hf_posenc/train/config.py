@@ -26,6 +26,8 @@ class TrainConfig:
     scheme: str = "none"  # scheme spec applied before training, e.g. "yarn:factor=4"
     attn_implementation: str | None = None
     tiny_context: int = 64  # original context of a tiny:<model_type> model
+    tiny_width: int = 64
+    tiny_layers: int = 2
     # method
     method: str = "lora"
     lora_r: int = 8
@@ -92,6 +94,8 @@ class TrainConfig:
             "num_proc",
             "eval_batches",
             "tiny_context",
+            "tiny_width",
+            "tiny_layers",
         )
         for key in positive:
             value = getattr(self, key)

@@ -55,7 +55,9 @@ def load_model_and_tokenizer(cfg: TrainConfig):
     if cfg.model.startswith(TINY_PREFIX):
         family = cfg.model[len(TINY_PREFIX) :]
         attn = "eager" if family == "bloom" else "sdpa"  # BLOOM has no sdpa of its own (a patch adds it)
-        model = tiny_model(family, seed=cfg.seed, attn=attn, context=cfg.tiny_context)
+        model = tiny_model(
+            family, seed=cfg.seed, attn=attn, context=cfg.tiny_context, width=cfg.tiny_width, layers=cfg.tiny_layers
+        )
         return model, char_tokenizer()
     path = str(smollm2_path()) if cfg.model == "smollm2" else cfg.model
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
