@@ -251,3 +251,27 @@ def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path):
         train(cfg, progress=False)
         runs[gc] = [m["loss"] for m in metrics(tmp_path / gc)]
     assert runs["true"] == pytest.approx(runs["false"], abs=1e-5)
+
+
+def test_gradient_accumulation_equals_a_larger_batch(tmp_path):
+    runs = {}
+    for name, extra in {"big": ["batch_size=4"], "accum": ["batch_size=2", "grad_accum=2"]}.items():
+        cfg = load_config(
+            ROOT / "recipes/configs/llama/tiny_pi2_full.yaml",
+            ["steps=3", "log_every=1", "max_tokens=30000", *extra, f"output_dir={tmp_path / name}"],
+        )
+        train(cfg, progress=False)
+        runs[name] = [m["loss"] for m in metrics(tmp_path / name)]
+    assert runs["accum"][0] == pytest.approx(runs["big"][0], abs=1e-5)  # same data, same first step
+    assert runs["accum"] == pytest.approx(runs["big"], abs=1e-3)
+
+
+def test_parallel_tokenization_packs_the_same_blocks():
+    from hf_posenc.eval.data import load_texts
+    from hf_posenc.tiny import char_tokenizer
+    from hf_posenc.train.data import pack_blocks
+
+    texts = load_texts("kjv")[:6]
+    one = pack_blocks(char_tokenizer(), texts, 128)
+    two = pack_blocks(char_tokenizer(), texts, 128, num_proc=2)
+    assert torch.equal(one, two) and (one == 1).sum() >= 5  # EOS (id 1) between documents
