@@ -93,8 +93,6 @@ def test_left_padding_equals_unpadded(arch, scheme, params, backend):
 
 @pytest.mark.parametrize(("arch", "scheme", "params", "backend"), GRID, ids=IDS)
 def test_packed_sequences_equal_separate(arch, scheme, params, backend):
-    if arch in ("bloom", "opt"):
-        pytest.skip(f"transformers builds no packed-sequence mask for {arch} (BLOOM takes no position_ids; OPT never)")
     model = patched_model(arch, scheme, params, backend)
     docs = [tokens(1, 30, seed=31)[0], tokens(1, 20, seed=32)[0]]
     position_ids = torch.cat([torch.arange(len(d)) for d in docs])[None]

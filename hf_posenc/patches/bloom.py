@@ -57,6 +57,10 @@ def make_bloom_attention_forward(backend: str, context: PositionContext | None):
     return forward
 
 
+def _no_alibi(self: nn.Module, attention_mask: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros((), dtype=dtype, device=attention_mask.device)
+
+
 @register_architecture
 class BloomAdapter(ArchitectureAdapter):
     name: ClassVar[str] = "bloom"
@@ -93,14 +97,28 @@ class BloomAdapter(ArchitectureAdapter):
         context = None
         if scheme.kind == "rotary":
             context = install_rotary_context(
-                decoder, scheme, info.head_dim, handle, from_mask=True, device=weight.device
+                decoder,
+                scheme,
+                info.head_dim,
+                handle,
+                from_mask=True,
+                device=weight.device,
+                packed_mask=True,
+                outer=model,
             )
         elif scheme.kind == "absolute":
             table = absolute_module(scheme, model.config.hidden_size, dtype=weight.dtype, device=weight.device)
             handle.set_attr(decoder, "hf_posenc_positions", table)
-            install_position_context(decoder, handle, from_mask=True, embed_positions=table)
-        elif scheme.kind == "alibi":
+            install_position_context(
+                decoder, handle, from_mask=True, embed_positions=table, packed_mask=True, outer=model
+            )
+        else:  # ALiBi or NoPE: positions only for the packed-sequence mask
+            install_position_context(decoder, handle, from_mask=True, packed_mask=True, outer=model)
+        if scheme.kind == "alibi":
             add_alibi_slopes(attns, scheme, info.num_attention_heads, handle, weight.device)
+        # BLOOM's own ALiBi tensor is unused by the replaced attention; skip building it (it also cannot
+        # take the 4D mask used for packed sequences).
+        handle.set_attr(decoder, "build_alibi_tensor", types.MethodType(_no_alibi, decoder))
         backend = attention.base_backend(name)
         for attn in attns:
             handle.set_attr(attn, "forward", types.MethodType(make_bloom_attention_forward(backend, context), attn))

@@ -104,13 +104,17 @@ def install_rotary_context(
     projections: Iterable[nn.Module] = (),
     num_heads: int = 0,
     parts: int = 1,
+    packed_mask: bool = False,
+    outer: nn.Module | None = None,
 ) -> PositionContext:
     """RoPE for a family whose attention has no rotary step: a rotary module on the decoder, a position
     context computing (cos, sin) once per forward, rotation hooks on the given q/k ``projections``
     (``parts`` rotated blocks each), and the exact cache refresh for length-dependent scalings."""
     rotary = PosencRotaryEmbedding(scheme, head_dim, device)
     handle.set_attr(decoder, "hf_posenc_rotary", rotary)
-    context = install_position_context(decoder, handle, from_mask=from_mask, rotary=rotary)
+    context = install_position_context(
+        decoder, handle, from_mask=from_mask, rotary=rotary, packed_mask=packed_mask, outer=outer
+    )
     for projection in projections:
         hook = projection_rotation_hook(context, num_heads, head_dim, parts=parts)
         handle.add_hook(projection.register_forward_hook(hook))

@@ -16,6 +16,7 @@ from ..schemes.absolute import extend_table
 from ..schemes.base import ModelInfo, SchemeConfig
 from .base import ArchitectureAdapter, register_architecture
 from .common import absolute_module, add_alibi_slopes, choose_backend, install_rotary_context, set_backend
+from .context import install_position_context
 from .embeddings import LearnedPositions, keep_retired_table
 from .handle import PatchHandle
 
@@ -100,7 +101,10 @@ class OPTAdapter(ArchitectureAdapter):
                 projections=projections,
                 num_heads=info.num_attention_heads,
                 parts=1,
+                packed_mask=True,
             )
+        else:  # positions only for the packed-sequence mask (OPT builds none)
+            install_position_context(decoder, handle, from_mask=True, packed_mask=True)
         if scheme.kind == "alibi":
             add_alibi_slopes(attns, scheme, info.num_attention_heads, handle, weight.device)
         set_backend(model, handle, backend)
