@@ -45,7 +45,8 @@ def token_nll(
     for start in range(0, targets.shape[1], chunk_size):
         stop = min(start + chunk_size, targets.shape[1])
         logits = head(hidden[:, start:stop]).float()
-        out[:, start:stop] = F.cross_entropy(logits.transpose(1, 2), targets[:, start:stop], reduction="none")
+        flat = F.cross_entropy(logits.flatten(0, 1), targets[:, start:stop].flatten(), reduction="none")
+        out[:, start:stop] = flat.view(logits.shape[0], -1)
     return out
 
 
