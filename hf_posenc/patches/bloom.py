@@ -20,12 +20,17 @@ from ..errors import UnsupportedSchemeError
 from ..schemes.base import ModelInfo, SchemeConfig
 from . import attention
 from .base import ArchitectureAdapter, register_architecture
-from .common import absolute_module, add_alibi_slopes, choose_backend, install_rotary_context, set_backend
+from .common import (
+    DEFAULT_ROPE_THETA,
+    absolute_module,
+    add_alibi_slopes,
+    choose_backend,
+    install_rotary_context,
+    set_backend,
+)
 from .context import PositionContext, install_position_context
 from .embeddings import apply_rotary
 from .handle import PatchHandle
-
-DEFAULT_ROPE_THETA = 10000.0
 
 
 def make_bloom_attention_forward(backend: str, context: PositionContext | None):

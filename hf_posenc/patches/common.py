@@ -19,6 +19,8 @@ from .handle import PatchHandle
 from .refresh import install_cache_refresh
 from .rotary import PosencRotaryEmbedding
 
+#: rope_theta for families that have no rotary embedding of their own (GPT-2, OPT, BLOOM)
+DEFAULT_ROPE_THETA = 10000.0
 PLAIN_BACKENDS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 

@@ -14,10 +14,15 @@ from torch import nn
 
 from ..schemes.base import ModelInfo, SchemeConfig
 from .base import ArchitectureAdapter, register_architecture
-from .common import absolute_module, add_alibi_slopes, choose_backend, install_rotary_context, set_backend
+from .common import (
+    DEFAULT_ROPE_THETA,
+    absolute_module,
+    add_alibi_slopes,
+    choose_backend,
+    install_rotary_context,
+    set_backend,
+)
 from .handle import PatchHandle
-
-DEFAULT_ROPE_THETA = 10000.0
 
 
 @register_architecture

@@ -15,13 +15,19 @@ from torch import nn
 from ..schemes.absolute import extend_table
 from ..schemes.base import ModelInfo, SchemeConfig
 from .base import ArchitectureAdapter, register_architecture
-from .common import absolute_module, add_alibi_slopes, choose_backend, install_rotary_context, set_backend
+from .common import (
+    DEFAULT_ROPE_THETA,
+    absolute_module,
+    add_alibi_slopes,
+    choose_backend,
+    install_rotary_context,
+    set_backend,
+)
 from .context import install_position_context
 from .embeddings import LearnedPositions, keep_retired_table
 from .handle import PatchHandle
 
 OFFSET = 2  # OPT reserves the first two rows of its table
-DEFAULT_ROPE_THETA = 10000.0
 
 
 def opt_positions(attention_mask: torch.Tensor, cache_length: int, position_ids: torch.Tensor | None) -> torch.Tensor:
