@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 import hf_posenc
+from hf_posenc.specs import parse_scheme_spec
 from hf_posenc.train import load_config, train
 from hf_posenc.train.data import batch_at, pose_position_ids
 
@@ -103,19 +103,13 @@ def test_tiny_recipes_learn_and_reload(tmp_path, path):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.05  # the training loss falls
     model = hf_posenc.from_pretrained(str(result.final_dir))
     cfg = load_config(path)
-    name, params = _scheme(cfg.scheme)
+    name, params = parse_scheme_spec(cfg.scheme)
     assert hf_posenc.get_handle(model).scheme.name == hf_posenc.make_scheme(name, **params).name
     assert not any("lora" in k for k in model.state_dict())  # LoRA merged
     x = torch.randint(2, 97, (1, 2 * cfg.tiny_context))
     with torch.no_grad():
         again = hf_posenc.from_pretrained(str(result.final_dir))
         assert torch.equal(model(x).logits, again(x).logits)
-
-
-def _scheme(spec: str):
-    name, _, rest = spec.partition(":")
-    params = {k: yaml.safe_load(v) for k, v in (p.split("=") for p in rest.split(":") if p)}
-    return name, params
 
 
 CONFIG = ROOT / "recipes" / "configs" / "llama" / "tiny_yarn4_lora.yaml"
@@ -174,7 +168,7 @@ def heldout_loss(path_or_model, length: int, scheme: str | None = None) -> float
     ids = char_tokenizer()(load_documents("kjv")[-1])["input_ids"]
     if scheme is None:
         return evaluate_perplexity(model, ids, length, max_windows=8, batch_size=8).nll
-    name, params = _scheme(scheme)
+    name, params = parse_scheme_spec(scheme)
     with hf_posenc.patched(model, name, **params):
         return evaluate_perplexity(model, ids, length, max_windows=8, batch_size=8).nll
 

@@ -3,6 +3,7 @@ turn with :func:`hf_posenc.patched`, so the model is back to its original after 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -57,7 +58,7 @@ def run_eval(model: nn.Module, tokenizer, spec: EvalSpec, *, progress: bool = Tr
         label = format_scheme_spec(parsed)
         entry: dict = {}
         start = time.perf_counter()
-        with _maybe_patched(model, parsed):
+        with patched(model, parsed[0], **parsed[1]) if parsed is not None else contextlib.nullcontext():
             if "ppl" in spec.tasks:
                 entry["ppl"] = [
                     evaluate_perplexity(
@@ -88,14 +89,3 @@ def run_eval(model: nn.Module, tokenizer, spec: EvalSpec, *, progress: bool = Tr
         results[label] = entry
         log(f"  {label}: done in {entry['seconds']:.0f} s")
     return {"spec": asdict(spec), "results": results}
-
-
-class _maybe_patched:
-    def __init__(self, model: nn.Module, parsed) -> None:
-        self.cm = patched(model, parsed[0], **parsed[1]) if parsed is not None else None
-
-    def __enter__(self):
-        return self.cm.__enter__() if self.cm is not None else None
-
-    def __exit__(self, *exc):
-        return self.cm.__exit__(*exc) if self.cm is not None else False

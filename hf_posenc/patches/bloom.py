@@ -21,11 +21,11 @@ from ..schemes.base import ModelInfo, SchemeConfig
 from . import attention
 from .base import ArchitectureAdapter, register_architecture
 from .common import (
-    DEFAULT_ROPE_THETA,
     absolute_module,
     add_alibi_slopes,
     choose_backend,
     install_rotary_context,
+    positional_family_info,
     set_backend,
 )
 from .context import PositionContext, install_position_context
@@ -76,14 +76,7 @@ class BloomAdapter(ArchitectureAdapter):
         return model if hasattr(model, "word_embeddings") else self.require(model, "transformer")
 
     def model_info(self, model: nn.Module) -> ModelInfo:
-        config = model.config
-        return ModelInfo(
-            model_type=config.model_type,
-            head_dim=config.hidden_size // config.n_head,
-            num_attention_heads=config.n_head,
-            max_position_embeddings=getattr(config, "seq_length", None) or 2048,
-            rope_theta=DEFAULT_ROPE_THETA,
-        )
+        return positional_family_info(model.config, getattr(model.config, "seq_length", None) or 2048)
 
     def install(
         self, model: nn.Module, scheme: SchemeConfig, handle: PatchHandle, attn_implementation: str | None = None

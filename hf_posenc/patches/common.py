@@ -11,17 +11,29 @@ from torch import nn
 from ..errors import UnsupportedSchemeError
 from ..schemes.absolute import LearnedConfig, SinusoidalConfig, extend_table
 from ..schemes.alibi import AlibiConfig
-from ..schemes.base import SchemeConfig
+from ..schemes.base import ModelInfo, SchemeConfig
 from . import attention
 from .context import PositionContext, install_position_context
 from .embeddings import LearnedPositions, SinusoidalPositions, ZeroPositions, projection_rotation_hook
 from .handle import PatchHandle
-from .refresh import install_cache_refresh
+from .refresh import install_cache_refresh, needs_cache_refresh
 from .rotary import PosencRotaryEmbedding
 
 #: rope_theta for families that have no rotary embedding of their own (GPT-2, OPT, BLOOM)
 DEFAULT_ROPE_THETA = 10000.0
 PLAIN_BACKENDS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+def positional_family_info(config, max_positions: int | None) -> ModelInfo:
+    """ModelInfo for a family with no rotary embedding of its own (GPT-2, OPT, BLOOM): geometry from the
+    config's standard attribute names (their attribute maps cover n_embd / n_head), default rope theta."""
+    return ModelInfo(
+        model_type=config.model_type,
+        head_dim=config.hidden_size // config.num_attention_heads,
+        num_attention_heads=config.num_attention_heads,
+        max_position_embeddings=max_positions,
+        rope_theta=DEFAULT_ROPE_THETA,
+    )
 
 
 def current_backend(config) -> str:
@@ -120,6 +132,6 @@ def install_rotary_context(
     for projection in projections:
         hook = projection_rotation_hook(context, num_heads, head_dim, parts=parts)
         handle.add_hook(projection.register_forward_hook(hook))
-    if getattr(scheme, "length_dependent", False) and getattr(scheme, "refresh", "none") == "exact":
+    if needs_cache_refresh(scheme):
         install_cache_refresh(decoder, scheme, handle)
     return context

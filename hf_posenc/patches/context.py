@@ -33,11 +33,6 @@ class PositionContext:
     #: position_ids given to the outer model whose forward does not pass them on (BLOOM's CausalLM)
     pending: torch.Tensor | None = None
 
-    def require(self) -> torch.Tensor:
-        if self.positions is None:
-            raise RuntimeError("hf_posenc: position context read outside a decoder forward.")
-        return self.positions
-
 
 def infer_positions(
     arguments: dict[str, Any], cache_kw: str, *, from_mask: bool

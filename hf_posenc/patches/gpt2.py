@@ -15,11 +15,11 @@ from torch import nn
 from ..schemes.base import ModelInfo, SchemeConfig
 from .base import ArchitectureAdapter, register_architecture
 from .common import (
-    DEFAULT_ROPE_THETA,
     absolute_module,
     add_alibi_slopes,
     choose_backend,
     install_rotary_context,
+    positional_family_info,
     set_backend,
 )
 from .handle import PatchHandle
@@ -35,14 +35,7 @@ class GPT2Adapter(ArchitectureAdapter):
         return model if hasattr(model, "wpe") else self.require(model, "transformer")
 
     def model_info(self, model: nn.Module) -> ModelInfo:
-        config = model.config
-        return ModelInfo(
-            model_type=config.model_type,
-            head_dim=config.n_embd // config.n_head,
-            num_attention_heads=config.n_head,
-            max_position_embeddings=config.n_positions,
-            rope_theta=DEFAULT_ROPE_THETA,
-        )
+        return positional_family_info(model.config, model.config.n_positions)
 
     def install(
         self, model: nn.Module, scheme: SchemeConfig, handle: PatchHandle, attn_implementation: str | None = None

@@ -19,7 +19,7 @@ from .base import ArchitectureAdapter, register_architecture
 from .common import absolute_module, add_alibi_slopes, choose_backend, set_backend
 from .context import install_position_context
 from .handle import PatchHandle
-from .refresh import install_cache_refresh
+from .refresh import install_cache_refresh, needs_cache_refresh
 from .rotary import PosencRotaryEmbedding
 
 
@@ -72,7 +72,7 @@ class LlamaFamilyAdapter(ArchitectureAdapter):
         rotary_dim = int(info.head_dim * partial) if self.rotary_prefix else None
         rotary = PosencRotaryEmbedding(frequencies, info.head_dim, device, rotary_dim=rotary_dim)
         handle.set_attr(decoder, "rotary_emb", rotary)
-        if getattr(scheme, "length_dependent", False) and getattr(scheme, "refresh", "none") == "exact":
+        if needs_cache_refresh(scheme):
             install_cache_refresh(decoder, scheme, handle)
         if scheme.kind == "alibi":
             attns = [self.require(layer, self.attention_attr) for layer in layers]

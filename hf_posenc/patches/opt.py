@@ -16,11 +16,11 @@ from ..schemes.absolute import extend_table
 from ..schemes.base import ModelInfo, SchemeConfig
 from .base import ArchitectureAdapter, register_architecture
 from .common import (
-    DEFAULT_ROPE_THETA,
     absolute_module,
     add_alibi_slopes,
     choose_backend,
     install_rotary_context,
+    positional_family_info,
     set_backend,
 )
 from .context import install_position_context
@@ -65,14 +65,7 @@ class OPTAdapter(ArchitectureAdapter):
         return self.require(model, "model.decoder") if hasattr(model, "model") else self.require(model, "decoder")
 
     def model_info(self, model: nn.Module) -> ModelInfo:
-        config = model.config
-        return ModelInfo(
-            model_type=config.model_type,
-            head_dim=config.hidden_size // config.num_attention_heads,
-            num_attention_heads=config.num_attention_heads,
-            max_position_embeddings=config.max_position_embeddings,
-            rope_theta=DEFAULT_ROPE_THETA,
-        )
+        return positional_family_info(model.config, model.config.max_position_embeddings)
 
     def install(
         self, model: nn.Module, scheme: SchemeConfig, handle: PatchHandle, attn_implementation: str | None = None

@@ -49,6 +49,11 @@ class _History:
         return kind, tokens, torch.cat(self.positions, dim=-1)
 
 
+def needs_cache_refresh(scheme: Any) -> bool:
+    """True for length-dependent schemes asked to keep the cache exact (``refresh="exact"``)."""
+    return getattr(scheme, "length_dependent", False) and getattr(scheme, "refresh", "none") == "exact"
+
+
 def install_cache_refresh(decoder: nn.Module, scheme: Any, handle: PatchHandle) -> None:
     """Wrap ``decoder.forward`` (this instance only) so cached decoding re-encodes on a scale change."""
     original = decoder.forward
