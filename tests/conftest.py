@@ -70,3 +70,15 @@ def unpatch_all():
     for m in models:
         if hf_posenc.is_patched(m):
             hf_posenc.unpatch(m)
+
+
+@pytest.fixture
+def fake_flash(monkeypatch):
+    """flash-attn replaced by the CPU stand-in in ``flash_reference`` for the test's duration."""
+    import sys
+
+    import flash_reference
+
+    fake = flash_reference.module()
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    return fake

@@ -105,9 +105,14 @@ def test_learned_extension_is_native(tmp_path, arch):
     assert max_diff(logits(plain, x), logits(model, x)) <= 1e-6
 
 
-def test_alibi_cannot_run_on_flash_backend():
-    with pytest.raises(hf_posenc.UnsupportedSchemeError, match="eager, sdpa, flex_attention"):
-        hf_posenc.patch(tiny_model("llama"), "alibi", attn_implementation="flash_attention_2")
+def test_flash_alibi_needs_flash_attn_installed(monkeypatch):
+    import hf_posenc.patches.common as common
+
+    monkeypatch.setattr(common, "flash_available", lambda: False)
+    model = tiny_model("llama")
+    with pytest.raises(hf_posenc.UnsupportedSchemeError, match=r"needs the flash-attn package.*eager, sdpa, flex"):
+        hf_posenc.patch(model, "alibi", attn_implementation="flash_attention_2")
+    assert not hf_posenc.is_patched(model)
 
 
 def test_unknown_backend():
@@ -123,6 +128,19 @@ def test_llama_alibi_changes_no_weights_and_adds_no_parameters():
     slopes = model.model.layers[0].self_attn.hf_posenc_alibi_slopes
     assert torch.equal(slopes, alibi_slopes(4))
     assert "hf_posenc_alibi_slopes" not in "".join(model.state_dict())
+
+
+def test_flex_alibi_does_not_recompile_per_length():
+    """Evaluating at many lengths must not exhaust dynamo's recompile limit (8 per function): past it,
+    flex attention silently runs uncompiled and materialises every score (seen on an H200 at 32k)."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model("bloom")
+    hf_posenc.patch(model, "alibi", attn_implementation="flex_attention")
+    before = counters["stats"]["unique_graphs"]
+    for length in range(17, 117, 10):  # ten lengths
+        logits(model, tokens(1, length))
+    assert counters["stats"]["unique_graphs"] - before <= 6
 
 
 FLEX_CASES = [("bloom", "alibi", {}), ("llama", "alibi", {}), ("gpt2", "rope", {})]

@@ -1,7 +1,8 @@
 """Attention functions registered with transformers' ``AttentionInterface`` for ALiBi on any family.
 
-Registered once under ``hf_posenc_eager``, ``hf_posenc_sdpa`` and ``hf_posenc_flex_attention``, each
-with the mask function of its base backend (a custom name without one would receive no mask at all).
+Registered once under ``hf_posenc_eager``, ``hf_posenc_sdpa``, ``hf_posenc_flex_attention`` and
+``hf_posenc_flash_attention_2`` (see :mod:`.flash`), each with the mask function of its base backend
+(a custom name without one would receive no mask at all).
 A model uses them only after an adapter points *its own* config at one of these names; the function
 reads the ALiBi slopes from the attention module it is called with (a buffer the adapter added), so
 two models in one process never share state.
@@ -10,6 +11,7 @@ two models in one process never share state.
 - sdpa: transformers' sdpa with the bias as ``position_bias`` (a materialised (1, H, q, kv) float
   mask: the fallback).
 - flex_attention: the bias is a ``score_mod`` computed per score; no L x L tensor exists.
+- flash_attention_2: flash-attn's ``alibi_slopes`` (GPU, when flash-attn is installed).
 """
 
 from __future__ import annotations
@@ -21,9 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, eager_mask, flex_attention_mask, sdpa_mask
+from transformers.masking_utils import (
+    AttentionMaskInterface,
+    eager_mask,
+    flash_attention_mask,
+    flex_attention_mask,
+    sdpa_mask,
+)
 
 from ..schemes.alibi import alibi_bias
+from .flash import flash_alibi_attention
 
 SLOPES_BUFFER = "hf_posenc_alibi_slopes"
 BACKENDS = ("eager", "sdpa", "flex_attention")
@@ -103,7 +112,7 @@ def sdpa_alibi_attention(
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention)  # automatic dynamic shapes: one recompile, not one per length
 
 
 def flex_alibi_attention(
@@ -145,13 +154,23 @@ def flex_alibi_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
-FUNCTIONS = {"eager": eager_alibi_attention, "sdpa": sdpa_alibi_attention, "flex_attention": flex_alibi_attention}
-_MASKS = {"eager": eager_mask, "sdpa": sdpa_mask, "flex_attention": flex_attention_mask}
+FUNCTIONS = {
+    "eager": eager_alibi_attention,
+    "sdpa": sdpa_alibi_attention,
+    "flex_attention": flex_alibi_attention,
+    "flash_attention_2": flash_alibi_attention,
+}
+_MASKS = {
+    "eager": eager_mask,
+    "sdpa": sdpa_mask,
+    "flex_attention": flex_attention_mask,
+    "flash_attention_2": flash_attention_mask,
+}
 
 
 @functools.cache
 def register_backends() -> None:
-    """Register the three functions and their mask functions with transformers (idempotent)."""
+    """Register the functions and their mask functions with transformers (idempotent)."""
     for backend, fn in FUNCTIONS.items():
         AttentionInterface.register(registered_name(backend), fn)
         AttentionMaskInterface.register(registered_name(backend), _MASKS[backend])

@@ -2,8 +2,8 @@
 
 Each attention module's ``forward`` is replaced on the instance by one that splits the fused qkv,
 optionally rotates q and k, updates the cache, and calls hf_posenc's registered attention function for
-the chosen backend (eager, sdpa or flex attention), with ALiBi slopes when the scheme is ALiBi. Native
-BLOOM therefore gains sdpa and flex, and every other scheme replaces ALiBi. BLOOM takes no
+the chosen backend (eager, sdpa, flex attention or flash-attn), with ALiBi slopes when the scheme is
+ALiBi. Native BLOOM therefore gains sdpa, flex and flash-attn, and every other scheme replaces ALiBi. BLOOM takes no
 ``position_ids``: positions come from the attention mask, as in BLOOM's own ALiBi.
 """
 
@@ -25,6 +25,7 @@ from .common import (
     add_alibi_slopes,
     choose_backend,
     install_rotary_context,
+    is_flash,
     positional_family_info,
     set_backend,
 )
@@ -33,8 +34,9 @@ from .embeddings import apply_rotary
 from .handle import PatchHandle
 
 
-def make_bloom_attention_forward(backend: str, context: PositionContext | None):
+def make_bloom_attention_forward(backend: str, context: PositionContext):
     attend = attention.FUNCTIONS[backend]
+    flash = is_flash(backend)
 
     def forward(
         self: nn.Module,
@@ -48,13 +50,17 @@ def make_bloom_attention_forward(backend: str, context: PositionContext | None):
         **kwargs: Any,
     ):
         query, key, value = self._reshape(self.query_key_value(hidden_states))  # (B, H, L, D)
-        if context is not None and context.cos is not None:
+        if context.cos is not None:
             query = apply_rotary(query, context.cos, context.sin, 1)
             key = apply_rotary(key, context.cos, context.sin, 1)
         if layer_past is not None:
             key, value = layer_past.update(key, value, self.layer_idx)
         dropout = self.attention_dropout.p if self.training else 0.0
-        out, probs = attend(self, query, key, value, attention_mask, scaling=self.inv_norm_factor, dropout=dropout)
+        # BLOOM's attention receives no position ids; flash-attn needs them to keep packed documents apart
+        extra = {"position_ids": context.positions} if flash else {}
+        out, probs = attend(
+            self, query, key, value, attention_mask, scaling=self.inv_norm_factor, dropout=dropout, **extra
+        )
         output = self.dense(out.reshape(*out.shape[:2], -1))
         output = residual + F.dropout(output, p=self.hidden_dropout, training=self.training)
         return output, probs
@@ -92,7 +98,8 @@ class BloomAdapter(ArchitectureAdapter):
         info = self.model_info(model)
         weight = decoder.get_input_embeddings().weight
         name = choose_backend(model.config, attn_implementation, needs_hook=True)
-        context = None
+        # flash-attn finds packed documents from the positions itself; the others take a 4D mask
+        packed_mask = not is_flash(name)
         if scheme.kind == "rotary":
             context = install_rotary_context(
                 decoder,
@@ -101,17 +108,17 @@ class BloomAdapter(ArchitectureAdapter):
                 handle,
                 from_mask=True,
                 device=weight.device,
-                packed_mask=True,
+                packed_mask=packed_mask,
                 outer=model,
             )
         elif scheme.kind == "absolute":
             table = absolute_module(scheme, model.config.hidden_size, dtype=weight.dtype, device=weight.device)
             handle.set_attr(decoder, "hf_posenc_positions", table)
-            install_position_context(
-                decoder, handle, from_mask=True, embed_positions=table, packed_mask=True, outer=model
+            context = install_position_context(
+                decoder, handle, from_mask=True, embed_positions=table, packed_mask=packed_mask, outer=model
             )
-        else:  # ALiBi or NoPE: positions only for the packed-sequence mask
-            install_position_context(decoder, handle, from_mask=True, packed_mask=True, outer=model)
+        else:  # ALiBi or NoPE: positions only for packed sequences
+            context = install_position_context(decoder, handle, from_mask=True, packed_mask=packed_mask, outer=model)
         if scheme.kind == "alibi":
             add_alibi_slopes(attns, scheme, info.num_attention_heads, handle, weight.device)
         # BLOOM's own ALiBi tensor is unused by the replaced attention; skip building it (it also cannot

@@ -15,6 +15,8 @@ from ..schemes.base import ModelInfo, SchemeConfig
 from . import attention
 from .context import PositionContext, install_position_context
 from .embeddings import LearnedPositions, SinusoidalPositions, ZeroPositions, projection_rotation_hook
+from .flash import NAME as FLASH
+from .flash import flash_available
 from .handle import PatchHandle
 from .refresh import install_cache_refresh, needs_cache_refresh
 from .rotary import PosencRotaryEmbedding
@@ -45,11 +47,16 @@ def choose_backend(config, requested: str | None, *, needs_hook: bool) -> str | 
     None to leave it. ``needs_hook``: the scheme needs hf_posenc's registered functions (ALiBi, or a
     family whose attention hf_posenc computes itself)."""
     backend = requested or current_backend(config)
+    hosts = (*attention.BACKENDS, FLASH)
     if needs_hook:
-        if backend not in attention.BACKENDS:
+        if backend not in hosts:
             raise UnsupportedSchemeError(
-                f"attn_implementation={backend!r} cannot host this scheme here; choose one of "
-                f"{', '.join(attention.BACKENDS)}."
+                f"attn_implementation={backend!r} cannot host this scheme here; choose one of {', '.join(hosts)}."
+            )
+        if backend == FLASH and not flash_available():
+            raise UnsupportedSchemeError(
+                f"attn_implementation={FLASH!r} needs the flash-attn package (pip install flash-attn, on a "
+                f"GPU); or choose one of {', '.join(attention.BACKENDS)}."
             )
         attention.register_backends()
         return attention.registered_name(backend)
@@ -68,6 +75,10 @@ def choose_backend(config, requested: str | None, *, needs_hook: bool) -> str | 
 def set_backend(model: nn.Module, handle: PatchHandle, name: str | None) -> None:
     if name is not None and name != getattr(model.config, "_attn_implementation", None):
         handle.set_config(model.config, "_attn_implementation", name)
+
+
+def is_flash(name: str | None) -> bool:
+    return name is not None and attention.base_backend(name) == FLASH
 
 
 def add_alibi_slopes(

@@ -20,6 +20,7 @@ from .common import (
     add_alibi_slopes,
     choose_backend,
     install_rotary_context,
+    is_flash,
     positional_family_info,
     set_backend,
 )
@@ -76,6 +77,7 @@ class OPTAdapter(ArchitectureAdapter):
         info = self.model_info(model)
         weight = table.weight
         backend = choose_backend(model.config, attn_implementation, needs_hook=scheme.kind == "alibi")
+        packed_mask = not is_flash(backend or model.config._attn_implementation)  # flash-attn takes none
         if scheme.name == "learned":
             rows = torch.cat([weight[:OFFSET], extend_table(weight[OFFSET:], scheme.max_positions, scheme.extend)])
             replacement = OPTLearnedPositions(rows.shape[0], rows.shape[1], device=weight.device, dtype=weight.dtype)
@@ -100,10 +102,10 @@ class OPTAdapter(ArchitectureAdapter):
                 projections=projections,
                 num_heads=info.num_attention_heads,
                 parts=1,
-                packed_mask=True,
+                packed_mask=packed_mask,
             )
         else:  # positions only for the packed-sequence mask (OPT builds none)
-            install_position_context(decoder, handle, from_mask=True, packed_mask=True)
+            install_position_context(decoder, handle, from_mask=True, packed_mask=packed_mask)
         if scheme.kind == "alibi":
             add_alibi_slopes(attns, scheme, info.num_attention_heads, handle, weight.device)
         set_backend(model, handle, backend)

@@ -1,0 +1,76 @@
+"""The flash-attn backend (ALiBi through ``alibi_slopes``), on CPU through the documented-semantics
+stand-in in ``flash_reference``: the same properties as the common tester, against eager."""
+
+from __future__ import annotations
+
+import pytest
+import test_grid
+import torch
+from conftest import max_diff, tiny_model, tokens
+
+import hf_posenc
+
+FLASH = "flash_attention_2"
+CELLS = [
+    ("llama", "alibi", {}),
+    ("gpt2", "alibi", {}),
+    ("opt", "alibi", {}),
+    ("gpt_neox", "alibi", {}),
+    ("bloom", "alibi", {}),
+    ("bloom", "rope", {}),
+    ("bloom", "learned", {"max_positions": 256}),
+    ("bloom", "nope", {}),
+]
+IDS = [f"{a}-{s}" for a, s, _ in CELLS]
+pytestmark = pytest.mark.usefixtures("fake_flash")
+
+
+@pytest.mark.parametrize(("arch", "scheme", "params"), CELLS, ids=IDS)
+def test_flash_agrees_with_eager(arch, scheme, params, fake_flash):
+    x = tokens(2, 90)
+    out = {b: test_grid.logits(test_grid.patched_model(arch, scheme, params, b), x) for b in ("eager", FLASH)}
+    assert max_diff(out["eager"], out[FLASH]) <= 1e-5
+    assert fake_flash.calls == [("dense", 2, scheme == "alibi")] * 2  # one call per layer, no fallback
+
+
+@pytest.mark.parametrize(("arch", "scheme", "params"), CELLS, ids=IDS)
+def test_flash_cache_decode_equals_fresh_forward(arch, scheme, params):
+    test_grid.test_cache_decode_equals_fresh_forward(arch, scheme, params, FLASH)
+
+
+@pytest.mark.parametrize(("arch", "scheme", "params"), CELLS, ids=IDS)
+def test_flash_left_padding_equals_unpadded(arch, scheme, params, fake_flash):
+    test_grid.test_left_padding_equals_unpadded(arch, scheme, params, FLASH)
+    assert ("varlen", 2, scheme == "alibi") in fake_flash.calls  # the padded batch went through varlen
+
+
+@pytest.mark.parametrize(("arch", "scheme", "params"), CELLS, ids=IDS)
+def test_flash_packed_sequences_equal_separate(arch, scheme, params, fake_flash):
+    test_grid.test_packed_sequences_equal_separate(arch, scheme, params, FLASH)
+    assert ("varlen", 2, scheme == "alibi") in fake_flash.calls  # two documents, one varlen call
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bloom"])
+def test_flash_alibi_is_shift_invariant(arch):
+    test_grid.test_relative_schemes_are_shift_invariant(arch, "alibi", {}, FLASH)
+
+
+def test_flash_generate_matches_eager():
+    x = tokens(2, 20)
+    outs = []
+    for backend in ("eager", FLASH):
+        model = tiny_model("llama")
+        hf_posenc.patch(model, "alibi", attn_implementation=backend)
+        outs.append(model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_flash_unpatch_restores_backend():
+    model = tiny_model("llama", attn="sdpa")
+    x = tokens(1, 30)
+    before = test_grid.logits(model, x)
+    hf_posenc.patch(model, "alibi", attn_implementation=FLASH)
+    assert model.config._attn_implementation == "hf_posenc_flash_attention_2"
+    hf_posenc.unpatch(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert torch.equal(test_grid.logits(model, x), before)
