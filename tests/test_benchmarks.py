@@ -19,8 +19,9 @@ def test_gpu_script_runs_at_toy_size_on_cpu(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
-    assert "| sdpa | 64 |" in text and "| hf_posenc alibi sdpa | 64 |" in text
-    assert "Error" not in text
+    assert "| sdpa | hf_posenc | 64 |" in text and "| sdpa | native | 64 |" in text
+    assert "| hf_posenc alibi sdpa | 64 |" in text and "| BLOOM alibi, sdpa vs native eager (6 heads) |" in text
+    assert "Error" not in text and "| NO |" not in text
 
 
 def test_evidence_script_runs_at_toy_size(tmp_path):
