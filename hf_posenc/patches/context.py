@@ -56,10 +56,16 @@ def infer_positions(
     return torch.arange(past, past + length, device=new.device).unsqueeze(0).expand(batch, -1), new
 
 
+def document_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) booleans: where a packed document starts (a position that is not its predecessor + 1).
+    The first token of a row is never marked; callers treat it as a start."""
+    return torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1
+
+
 def packed_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     """Additive (B, 1, L, L) block-causal mask for packed sequences (``position_ids`` restarting), or None
     when nothing restarts. For families whose forward cannot pass position ids to mask creation."""
-    starts = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1
+    starts = document_starts(position_ids)
     if not bool(starts[:, 1:].any()):
         return None
     doc = starts.cumsum(-1)

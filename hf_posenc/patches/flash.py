@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .context import document_starts
+
 NAME = "flash_attention_2"
 
 
@@ -37,7 +39,7 @@ def packed_segments(position_ids: torch.Tensor) -> tuple[torch.Tensor, int] | No
     """Cumulative document lengths over the flattened (B, L) batch where positions restart inside a row
     (a new document starts wherever a position is not its predecessor + 1), else None."""
     batch, length = position_ids.shape
-    starts = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1
+    starts = document_starts(position_ids)
     if not bool(starts[:, 1:].any()):
         return None
     starts[:, 0] = True
