@@ -67,3 +67,16 @@ def enable_activation_checkpointing(model: Any) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+#: compilations allowed for hf_posenc's flex frame, however many the process already holds
+FLEX_RECOMPILE_LIMIT = 64
+
+
+def recompile_headroom():
+    """A context raising dynamo's per-function recompile limit (``recompile_limit``, formerly
+    ``cache_size_limit``) while hf_posenc's compiled flex attention runs. Past the limit dynamo
+    silently runs the function uncompiled, and uncompiled flex attention materialises every score."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    return config.patch(**{name: max(getattr(config, name), FLEX_RECOMPILE_LIMIT)})

@@ -31,6 +31,7 @@ from transformers.masking_utils import (
     sdpa_mask,
 )
 
+from .._compat import recompile_headroom
 from ..schemes.alibi import alibi_bias
 from .flash import flash_alibi_attention
 
@@ -108,11 +109,26 @@ def sdpa_alibi_attention(
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-@functools.cache
-def _compiled_flex():
+def _flex(query, key, value, score_mod, block_mask, scale, enable_gqa):
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention)  # automatic dynamic shapes: one recompile, not one per length
+    return flex_attention(
+        query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa
+    )
+
+
+@functools.cache
+def _compiled_flex():
+    """flex attention compiled through hf_posenc's own frame, with automatic dynamic shapes.
+
+    dynamo compiles a function at most ``recompile_limit`` (8) times and then silently runs it
+    uncompiled, which for flex attention means materialising every score. Compiling ``flex_attention``
+    itself would share that budget with transformers' own flex; a static compile would spend one entry
+    per sequence length. With our own frame, dynamic shapes and contiguous inputs, a process spends an
+    entry per mask kind and query shape class, whatever the lengths, and calls run with headroom
+    above the limit (``_compat.recompile_headroom``).
+    """
+    return torch.compile(_flex)
 
 
 def flex_alibi_attention(
@@ -128,7 +144,10 @@ def flex_alibi_attention(
     from torch.nn.attention.flex_attention import BlockMask
 
     if dropout > 0:
-        raise ValueError("flex attention does not support attention dropout; use eval() or eager/sdpa.")
+        raise ValueError(
+            "flex attention has no attention dropout: set the config's attention dropout to 0 "
+            "(attention_dropout / attn_pdrop), call eval(), or use eager or sdpa."
+        )
     block_mask = attention_mask if isinstance(attention_mask, BlockMask) else None
     dense_mask = None if block_mask is not None or attention_mask is None else attention_mask
     slopes = _slopes(module)
@@ -148,9 +167,9 @@ def flex_alibi_attention(
     if not enable_gqa:
         groups = heads // key.shape[1]
         key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
-    out = _compiled_flex()(
-        query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling, enable_gqa=enable_gqa
-    )
+    query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
+    with recompile_headroom():
+        out = _compiled_flex()(query, key, value, score_mod, block_mask, scaling, enable_gqa)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -105,10 +105,15 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, keep_
     """Write to a hidden temp folder, then rename: a crash mid-save never leaves a half checkpoint."""
     final = output_dir / f"checkpoint-{step:07d}"
     tmp = output_dir / f".checkpoint-{step:07d}.tmp"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        # every rank writes its RNG state into it; accelerate creates it on the main process only,
+        # with no barrier, so it must exist before the other ranks start writing
+        tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()  # every rank's files are in before the folder is renamed
     if accelerator.is_main_process:
         with open(tmp / STATE_FILE, "w") as fh:
             json.dump(state, fh)
