@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import max_diff
 from safetensors.torch import load_file
 
 import hf_posenc
@@ -113,6 +114,46 @@ def test_tiny_recipes_learn_and_reload(tmp_path, path):
 
 
 CONFIG = ROOT / "recipes" / "configs" / "llama" / "tiny_yarn4_lora.yaml"
+
+
+ADAPTER_CASES = [
+    ("yarn:factor=4", "true"),  # embeddings and norms trained outside LoRA
+    ("learned:max_positions=256:new_table=true", "false"),  # a frozen, randomly initialised patch table
+]
+
+
+@pytest.mark.parametrize(("scheme", "trainable_embeddings"), ADAPTER_CASES, ids=["yarn", "new-learned-table"])
+def test_adapter_only_output_reloads_the_trained_model(tmp_path, scheme, trainable_embeddings):
+    """save_merged=false keeps the adapter, the recipe, the tensors trained outside LoRA (embeddings,
+    norms) and the patch's own (a new learned table); reloaded, it computes what the merged save does."""
+    from hf_posenc.train import load_adapter_output
+
+    common = ["steps=12", "eval_every=12", "save_every=12", "log_every=4", "max_tokens=40000", f"scheme={scheme}"]
+    common.append(f"trainable_embeddings={trainable_embeddings}")
+    runs = {}
+    for merged in (True, False):
+        out = tmp_path / f"merged-{merged}"
+        cfg = load_config(CONFIG, [*common, f"output_dir={out}", f"save_merged={str(merged).lower()}"])
+        runs[merged] = train(cfg, progress=False).final_dir
+    assert not (runs[False] / "model.safetensors").exists() and (runs[False] / "adapter_model.safetensors").exists()
+    saved = load_file(runs[False] / "hf_posenc_base_weights.safetensors")
+    # the patch's own table is saved even when frozen (a real model's patch-time init is not reproducible)
+    assert ("model.hf_posenc_positions.weight" in saved) == scheme.startswith("learned")
+    assert ("model.embed_tokens.weight" in saved) == (trainable_embeddings == "true")
+    adapter_model, _ = load_adapter_output(runs[False])
+    merged_model = hf_posenc.from_pretrained(str(runs[True])).eval()
+    x = torch.randint(2, 97, (2, 200))
+    with torch.no_grad():
+        assert max_diff(adapter_model(x).logits, merged_model(x).logits) <= 1e-4
+        fresh, _ = load_adapter_output(runs[False])  # the patch's random init is overwritten by the saved table
+        assert torch.equal(fresh(x).logits, adapter_model(x).logits)
+
+
+def test_load_adapter_output_names_the_other_loader(tmp_path):
+    from hf_posenc.train import load_adapter_output
+
+    with pytest.raises(FileNotFoundError, match=r"hf_posenc\.from_pretrained"):
+        load_adapter_output(tmp_path)
 
 
 def test_sigkill_and_resume_equals_uninterrupted(tmp_path):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import sys
 
 from .config import TrainConfig, load_config
-from .engine import TrainResult, latest_checkpoint, train
+from .engine import RECIPE_FILE, TrainResult, latest_checkpoint, load_adapter_output, train
 
-__all__ = ["TrainConfig", "TrainResult", "latest_checkpoint", "load_config", "main", "train"]
+__all__ = ["TrainConfig", "TrainResult", "latest_checkpoint", "load_adapter_output", "load_config", "main", "train"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,8 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     path, overrides = (None, argv) if "=" in argv[0] else (argv[0], argv[1:])
     result = train(load_config(path, overrides))
     if result.final_dir is not None:
+        adapter = (result.final_dir / RECIPE_FILE).exists()
+        loader = "hf_posenc.train.load_adapter_output" if adapter else "hf_posenc.from_pretrained"
         print(
             f"done at step {result.step}: train loss {result.train_loss:.4f}, eval loss {result.eval_loss}; "
-            f"model in {result.final_dir} (load with hf_posenc.from_pretrained)"
+            f"model in {result.final_dir} (load with {loader})"
         )
     return 0

@@ -15,14 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from .._compat import enable_activation_checkpointing
 from ..specs import parse_scheme_spec
-from .config import TrainConfig
+from .config import TrainConfig, load_config
 from .data import batch_at, train_val_blocks
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
+#: in an adapter-only final folder: the recipe, and base-model tensors the adapter does not hold
+RECIPE_FILE = "hf_posenc_recipe.json"
+BASE_WEIGHTS_FILE = "hf_posenc_base_weights.safetensors"
 # Fault injection for the resume tests: "kill-during-save" SIGKILLs the process after a checkpoint is
 # written but before its rename; "kill-after-step:N" SIGKILLs it right after optimizer step N.
 FAULT_ENV = "HF_POSENC_FAULT"
@@ -248,7 +252,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
 
 def save_final(accelerator, model, tokenizer, cfg: TrainConfig, output_dir: Path) -> Path | None:
     """``<output_dir>/final``: a model ``hf_posenc.from_pretrained`` loads with its scheme (LoRA merged),
-    or the LoRA adapter plus the recipe when ``save_merged`` is false."""
+    or, when ``save_merged`` is false, the LoRA adapter plus what :func:`load_adapter_output` needs."""
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return None
@@ -257,11 +261,62 @@ def save_final(accelerator, model, tokenizer, cfg: TrainConfig, output_dir: Path
     if tmp.exists():
         shutil.rmtree(tmp)
     unwrapped = accelerator.unwrap_model(model)
-    if cfg.method == "lora" and cfg.save_merged:
-        unwrapped = unwrapped.merge_and_unload()
-    unwrapped.save_pretrained(tmp, safe_serialization=True)
+    if cfg.method == "lora" and not cfg.save_merged:
+        save_adapter_output(unwrapped, cfg, tmp)
+    else:
+        if cfg.method == "lora":
+            unwrapped = unwrapped.merge_and_unload()
+        unwrapped.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
+
+
+def save_adapter_output(peft_model, cfg: TrainConfig, folder: Path) -> None:
+    """The LoRA adapter (peft's files), the recipe, and the base-model tensors an adapter alone would
+    lose: those trained outside LoRA (``trainable_embeddings`` / ``trainable_norms``) and those the
+    position patch created (e.g. a new learned table)."""
+    import hf_posenc
+
+    peft_model.save_pretrained(folder, safe_serialization=True)
+    base = peft_model.get_base_model()
+    handle = hf_posenc.get_handle(base)
+    owned = set(handle.owned_keys) if handle is not None else set()
+    trained = {id(p) for p in base.parameters() if p.requires_grad}
+    kept = {
+        key: tensor.detach().cpu().clone().contiguous()
+        for key, tensor in base.state_dict(keep_vars=True).items()
+        if "lora_" not in key and (key in owned or id(tensor) in trained)
+    }
+    save_file(kept, folder / BASE_WEIGHTS_FILE)
+    (folder / RECIPE_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
+
+
+def load_adapter_output(folder: str | Path):
+    """Rebuild a model saved with ``save_merged: false``: the recipe's base model, the LoRA adapter,
+    the position patch (in training's order: LoRA first) and the saved base tensors. Returns
+    ``(model, tokenizer)``; the model is a peft model in eval mode."""
+    from peft import PeftModel
+
+    import hf_posenc
+
+    folder = Path(folder)
+    if not (folder / RECIPE_FILE).exists():
+        raise FileNotFoundError(
+            f"{folder} holds no {RECIPE_FILE}: it is not an adapter output of hf-posenc finetune "
+            "(a merged output loads with hf_posenc.from_pretrained)."
+        )
+    cfg = load_config(folder / RECIPE_FILE)
+    base, tokenizer = load_model_and_tokenizer(cfg)
+    model = PeftModel.from_pretrained(base, str(folder))
+    parsed = parse_scheme_spec(cfg.scheme)
+    if parsed is not None:
+        hf_posenc.patch(model.get_base_model(), parsed[0], attn_implementation=cfg.attn_implementation, **parsed[1])
+    saved = load_file(folder / BASE_WEIGHTS_FILE)
+    missing = set(saved) - set(model.get_base_model().state_dict())
+    if missing:
+        raise KeyError(f"saved base tensors that the rebuilt model lacks: {sorted(missing)[:5]}")
+    model.get_base_model().load_state_dict(saved, strict=False)
+    return model.eval(), tokenizer
