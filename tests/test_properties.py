@@ -131,6 +131,21 @@ def test_generate_with_cache_equals_without(scheme, params):
     assert max(max_diff(a, b) for a, b in zip(cached.scores, plain.scores, strict=True)) <= 1e-5
 
 
+@pytest.mark.parametrize(("scheme", "params"), [ALL_SCHEMES[4], ALL_SCHEMES[7]], ids=["dynamic", "longrope"])
+def test_beam_search_with_cache_refresh_equals_without_cache(scheme, params):
+    """Beam search reorders the cache's rows; the refresh's token history must follow, or a refresh
+    replays other beams' tokens (it did: sequence scores off by 0.01, token scores by 0.7)."""
+    model = tiny_model("llama")
+    hf_posenc.patch(model, scheme, **params)
+    x = tokens(2, ORIGINAL_LENGTH - 10, seed=7)
+    kw = dict(max_new_tokens=25, do_sample=False, num_beams=3, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        cached = model.generate(x, use_cache=True, pad_token_id=0, **kw)
+        plain = model.generate(x, use_cache=False, pad_token_id=0, **kw)
+    assert torch.equal(cached.sequences, plain.sequences)
+    assert max_diff(cached.sequences_scores, plain.sequences_scores) <= 1e-5
+
+
 def left_pad(rows: list[torch.Tensor], pad: int = 0):
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad)

@@ -39,6 +39,11 @@ class _History:
         self.positions.append(positions)
         self.length += positions.shape[-1]
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """Follow the cache's rows when beam search reorders them."""
+        self.chunks = [(kind, t.index_select(0, index.to(t.device))) for kind, t in self.chunks]
+        self.positions = [p.index_select(0, index.to(p.device)) for p in self.positions]
+
     def replay(self, embed: nn.Module) -> tuple[str, torch.Tensor, torch.Tensor]:
         if all(kind == "ids" for kind, _ in self.chunks):
             tokens = torch.cat([t for _, t in self.chunks], dim=1)
@@ -47,6 +52,23 @@ class _History:
             tokens = torch.cat([t if k == "embeds" else embed(t) for k, t in self.chunks], dim=1)
             kind = "embeds"
         return kind, tokens, torch.cat(self.positions, dim=-1)
+
+
+def _follow_reorders(cache: Any) -> None:
+    """Wrap ``cache.reorder_cache`` (this cache object only, once) so the token history is reordered
+    with the cached keys: otherwise a refresh during beam search would replay other beams' tokens."""
+    if getattr(cache, "_hf_posenc_follows_reorders", False) or not hasattr(cache, "reorder_cache"):
+        return
+    original = cache.reorder_cache
+
+    def reorder_cache(beam_idx: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        history = getattr(cache, _STATE_ATTR, None)
+        if history is not None:
+            history.reorder(beam_idx)
+        return original(beam_idx, *args, **kwargs)
+
+    cache.reorder_cache = reorder_cache
+    cache._hf_posenc_follows_reorders = True
 
 
 def needs_cache_refresh(scheme: Any) -> bool:
@@ -83,6 +105,7 @@ def install_cache_refresh(decoder: nn.Module, scheme: Any, handle: PatchHandle) 
         if past == 0:
             history = _History(bucket=bucket)
             setattr(cache, _STATE_ATTR, history)
+            _follow_reorders(cache)
         elif history is None or history.length != past:
             raise CacheRefreshError(
                 f"{scheme.name}: this cache holds {past} tokens that hf_posenc did not see (it was filled "
