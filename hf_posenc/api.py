@@ -60,8 +60,6 @@ def patch(
         replace: unpatch first if the model is already patched (otherwise that is an error).
         attn_implementation: ``"eager"``, ``"sdpa"`` or ``"flex_attention"`` (``"flash_attention_2"``
             where installed and the scheme allows): the backend to run; None keeps the model's own.
-        attn_implementation: ``"eager"``, ``"sdpa"`` or ``"flex_attention"`` (``"flash_attention_2"``
-            where installed and the scheme allows): the backend to run; None keeps the model's own.
         **params: the scheme's parameters, with transformers' ``rope_parameters`` key names.
 
     Returns:
@@ -93,6 +91,9 @@ def patch(
             "architecture": adapter.name,
             "original_config": original,
             "owned_keys": handle.owned_keys,
+            # the backend asked for, so hf_posenc.from_pretrained can choose it again (BLOOM, for one,
+            # refuses sdpa at load time: only the patch can give it)
+            "attn_implementation": attn_implementation,
         }
         handle.set_config(model.config, CONFIG_KEY, record)
     except BaseException:
@@ -134,8 +135,10 @@ def from_pretrained(
 
     The base model is rebuilt from the config as it was before patching, then patched, so
     :func:`unpatch` on the result gives the original model. For a checkpoint without a record, pass
-    ``scheme`` (and ``scheme_params``) to patch it on load. ``hf_kwargs`` go to transformers'
-    ``from_pretrained`` (``torch_dtype``, ``attn_implementation``, ``revision``, ...).
+    ``scheme`` (and ``scheme_params``) to patch it on load. ``attn_implementation`` goes to the patch
+    (default: the backend recorded at patch time), so every backend the patch can host is available
+    whatever the family accepts at load time. Other ``hf_kwargs`` go to transformers'
+    ``from_pretrained`` (``dtype``, ``revision``, ...).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -151,7 +154,9 @@ def from_pretrained(
             f"{path_or_hub_id} has no '{CONFIG_KEY}' record in its config (it was not saved after "
             "hf_posenc.patch). Pass scheme=... to patch it on load, or use transformers directly."
         )
+    backend = hf_kwargs.pop("attn_implementation", None)
     if record is not None:
+        backend = backend or record.get("attn_implementation")
         for key, value in record.get("original_config", {}).items():
             if value == _ABSENT:
                 config.__dict__.pop(key, None)
@@ -177,7 +182,7 @@ def from_pretrained(
             hf_logging.set_verbosity(level)
     else:
         model = loader.from_pretrained(path_or_hub_id, config=config, **hf_kwargs)
-    handle = patch(model, spec, **params)
+    handle = patch(model, spec, attn_implementation=backend, **params)
     if owned:
         load_owned_tensors(model, path_or_hub_id, owned, config_kwargs)
         for callback in handle.after_load:

@@ -143,6 +143,7 @@ def test_save_and_reload(tmp_path, arch, scheme, params):
     expected = logits(model, x)
     model.save_pretrained(tmp_path)
     reloaded = hf_posenc.from_pretrained(str(tmp_path))
+    assert reloaded.config._attn_implementation == model.config._attn_implementation  # the backend comes back
     assert max_diff(logits(reloaded, x), expected) <= 1e-6
     short = x[:, : ORIGINAL_LENGTH - 4]
     base = tiny_model(arch)

@@ -69,3 +69,14 @@ def test_spec_round_trips_through_dict():
     data = json.loads(json.dumps(scheme.to_dict()))
     assert data["version"] == hf_posenc.__version__
     assert hf_posenc.SchemeConfig.from_dict(data) == scheme
+
+
+def test_from_pretrained_restores_or_overrides_the_backend(tmp_path):
+    """BLOOM refuses sdpa at load time; the patch's backend choice is recorded and chosen again, and an
+    explicit attn_implementation on load overrides it."""
+    model = tiny_model("bloom")
+    hf_posenc.patch(model, "alibi", attn_implementation="sdpa")
+    model.save_pretrained(tmp_path)
+    assert hf_posenc.from_pretrained(str(tmp_path)).config._attn_implementation == "hf_posenc_sdpa"
+    eager = hf_posenc.from_pretrained(str(tmp_path), attn_implementation="eager")
+    assert eager.config._attn_implementation == "hf_posenc_eager"
