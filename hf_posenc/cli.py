@@ -40,19 +40,28 @@ def _patch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(model_name: str):
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _load(model_name: str, device: str = "auto", dtype: str = "auto"):
+    """The model (transformers' default backend: sdpa where the family has it) on ``device`` in ``dtype``;
+    ``auto``: CUDA in bfloat16 when available, else CPU in float32."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .real_model import smollm2_path
 
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
     path = str(smollm2_path()) if model_name == "smollm2" else model_name
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
     return path, model, tokenizer
 
 
-def _run(model_name: str, spec, out: str, threads: int | None, plots: bool) -> int:
+def _run(model_name: str, spec, out: str, threads: int | None, plots: bool, device="auto", dtype="auto") -> int:
     from pathlib import Path
 
     import torch
@@ -61,9 +70,10 @@ def _run(model_name: str, spec, out: str, threads: int | None, plots: bool) -> i
 
     if threads:
         torch.set_num_threads(threads)
-    path, model, tokenizer = _load(model_name)
+    path, model, tokenizer = _load(model_name, device, dtype)
     print(
-        f"model: {path} (trained context {getattr(model.config, 'max_position_embeddings', '?')}); "
+        f"model: {path} (trained context {getattr(model.config, 'max_position_embeddings', '?')}; "
+        f"{model.device}, {str(model.dtype).replace('torch.', '')}, {model.config._attn_implementation}); "
         f"text: {spec.data}; schemes: {', '.join(spec.schemes)}; tasks: {', '.join(spec.tasks)}"
     )
     output = run_eval(model, tokenizer, spec)
@@ -98,14 +108,21 @@ def _eval(args: argparse.Namespace) -> int:
         stride=args.stride,
         max_windows=args.max_windows,
         batch_size=args.batch_size,
+        attn_implementation=args.attn,
     )
-    return _run(args.model, spec, args.out, args.threads, not args.no_plots)
+    return _run(args.model, spec, args.out, args.threads, not args.no_plots, args.device, args.dtype)
 
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import PRESETS
 
-    return _run(args.model, PRESETS["full" if args.full else "quick"], args.out, args.threads, True)
+    preset = PRESETS["full" if args.full else "quick"]
+    return _run(args.model, preset, args.out, args.threads, True, args.device, args.dtype)
+
+
+def _add_device_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 on CUDA, else float32")
 
 
 def _finetune(args: argparse.Namespace) -> int:
@@ -146,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="out/eval", help="folder for results.json, report.md and plots")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     e.add_argument("--no-plots", action="store_true")
+    e.add_argument(
+        "--attn",
+        default=None,
+        choices=["eager", "sdpa", "flex_attention", "flash_attention_2"],
+        help="attention backend for the patched schemes (default: the model's own)",
+    )
+    _add_device_args(e)
     e.set_defaults(func=_eval)
 
     f = sub.add_parser("finetune", help="fine-tune for longer context from a recipe YAML (+ key=value overrides)")
@@ -160,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--full", action="store_true", help="4 schemes, 2k-16k, passkey and needle (tens of minutes)")
     d.add_argument("--out", default="out/demo", help="folder for results.json, report.md and plots")
     d.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    _add_device_args(d)
     d.set_defaults(func=_demo)
     return parser
 

@@ -223,3 +223,19 @@ def test_lm_eval_bridge_sees_the_patch(tmp_path):
     assert plain["sample_len"] == scaled["sample_len"] == 4
     assert plain["perplexity,none"] != scaled["perplexity,none"]
     assert 0.0 <= scaled["acc,none"] <= 1.0
+
+
+def test_cli_eval_on_bloom_with_a_backend_bloom_lacks(tmp_path, capsys):
+    """BLOOM loads only on eager; --attn picks the patched schemes' backend (the ALiBi patch on sdpa
+    reproduces native BLOOM, so both rows score the same)."""
+    path = tmp_path / "model"
+    tiny_model("bloom").save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    out = tmp_path / "out"
+    args = ["eval", str(path), "--schemes", "none,alibi", "--lengths", "64", "--attn", "sdpa"]
+    assert main([*args, "--device", "cpu", "--dtype", "float32", "--out", str(out), "--no-plots"]) == 0
+    assert "cpu, float32, eager" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert results["none"]["ppl"][0]["ppl"] == pytest.approx(results["alibi"]["ppl"][0]["ppl"], rel=1e-5)
+    assert results["alibi"]["attn_implementation"] == "hf_posenc_sdpa"
+    assert results["none"]["attn_implementation"] == "eager"

@@ -35,6 +35,8 @@ class EvalSpec:
     max_windows: int = 1
     batch_size: int = 1
     max_new_tokens: int = 12
+    #: backend for the patched schemes (eager, sdpa, flex_attention, flash_attention_2); None keeps the model's
+    attn_implementation: str | None = None
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in ALL_TASKS]
@@ -58,7 +60,9 @@ def run_eval(model: nn.Module, tokenizer, spec: EvalSpec, *, progress: bool = Tr
         label = format_scheme_spec(parsed)
         entry: dict = {}
         start = time.perf_counter()
-        with patched(model, parsed[0], **parsed[1]) if parsed is not None else contextlib.nullcontext():
+        backend = {"attn_implementation": spec.attn_implementation}
+        with patched(model, parsed[0], **backend, **parsed[1]) if parsed is not None else contextlib.nullcontext():
+            entry["attn_implementation"] = model.config._attn_implementation
             if "ppl" in spec.tasks:
                 entry["ppl"] = [
                     evaluate_perplexity(
