@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import importlib.util
 import json
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_posenc
 from hf_posenc._compat import enable_activation_checkpointing
+from hf_posenc.patches.flash import flash_available
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 LLAMA_1B = dict(
@@ -97,8 +97,12 @@ def reset_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def has_flash_attn() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+def backends(toy: bool) -> list[str]:
+    """Backends to compare: sdpa and flex attention (eager stands in for flex on the CPU toy run),
+    plus flash-attn where it is installed."""
+    if toy:
+        return ["sdpa", "eager"]
+    return ["sdpa", "flex_attention", *(["flash_attention_2"] if flash_available() else [])]
 
 
 def build(model_type: str, config: dict, device, dtype, attn: str = "eager", **extra):
@@ -184,25 +188,23 @@ def checks(device, toy: bool, rows: list[dict], clock: Clock, save) -> None:
 
         return measure
 
-    backends = ["sdpa", "flex_attention"] if not toy else ["sdpa", "eager"]
-    if has_flash_attn() and not toy:
-        backends.append("flash_attention_2")
+    hosts = backends(toy)
     llamas = {"GQA 8/2": SMALL_LLAMA, "MHA 8/8": dict(SMALL_LLAMA, num_key_value_heads=8)}
-    for attn in backends:
+    for attn in hosts:
         row(rows, clock, {"check": f"BLOOM alibi, {attn} vs native eager (6 heads)"}, bloom_alibi(attn), save)
     for name, config in llamas.items():
-        for attn in backends[:2]:
+        for attn in hosts[:2]:
             fields = {"check": f"LLaMA {name} yarn x4, {attn}, patched vs native"}
             row(rows, clock, fields, llama_yarn(attn, config), save)
-        for attn in backends:
+        for attn in hosts:
             fields = {"check": f"LLaMA {name} alibi, {attn}, left padding vs unpadded"}
             row(rows, clock, fields, left_padding(attn, config), save)
     big, length = (TOY_BLOOM, 64) if toy else (BLOOM_1B, 4096)
-    for attn in [None, *backends]:
+    for attn in [None, *hosts]:
         label = "native BLOOM eager" if attn is None else f"hf_posenc alibi {attn}"
         fields = {"check": f"BLOOM-1B shape, {length} tokens: {label} in bf16 vs native fp32"}
         row(rows, clock, fields, bf16_error(attn, big, length), save)
-    if not has_flash_attn():
+    if not flash_available():
         rows.append({"check": "flash-attn alibi_slopes", "error": "flash_attn is not installed in this image"})
         save()
 
@@ -258,10 +260,7 @@ class TrainingCell:
 
 
 def lora_training(device, dtype, config: dict, lengths: list[int], steps: int, toy: bool, rows, clock, save) -> None:
-    backends = ["sdpa", "flex_attention"] if not toy else ["sdpa", "eager"]
-    if not toy and has_flash_attn():
-        backends.append("flash_attention_2")
-    for attn in backends:
+    for attn in backends(toy):
         for how in ("hf_posenc", "native"):
             cell = TrainingCell(device, dtype, config, attn, how, steps)
             for length in lengths:
@@ -271,10 +270,8 @@ def lora_training(device, dtype, config: dict, lengths: list[int], steps: int, t
 
 
 def alibi_forward(device, dtype, config: dict, lengths: list[int], toy: bool, rows, clock, save) -> None:
-    variants = [("native BLOOM eager", None), ("hf_posenc alibi sdpa", "sdpa")]
-    variants.append(("hf_posenc alibi flex", "eager" if toy else "flex_attention"))
-    if not toy and has_flash_attn():
-        variants.append(("hf_posenc alibi flash-attn 2", "flash_attention_2"))
+    labels = {"eager": "flex", "flex_attention": "flex", "flash_attention_2": "flash-attn 2"}  # eager: CPU toy
+    variants = [("native BLOOM eager", None), *((f"hf_posenc alibi {labels.get(a, a)}", a) for a in backends(toy))]
     model = build("bloom", config, device, dtype).eval()
     for label, attn in variants:
         if hf_posenc.is_patched(model):
@@ -373,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         "dtype": str(dtype).replace("torch.", ""),
-        "flash_attn": "installed" if has_flash_attn() else "not installed",
+        "flash_attn": "installed" if flash_available() else "not installed",
     }
     clock = Clock(args.budget)
     out = Path(args.out)
