@@ -65,6 +65,26 @@ def test_flash_generate_matches_eager():
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("arch", ["llama", "bloom"])
+def test_flash_left_padded_generate_matches_eager(arch, fake_flash):
+    """Decoding a left-padded batch: one query per row against its unpadded keys (the varlen path with
+    fewer queries than keys)."""
+    rows = [tokens(1, 30, seed=11)[0], tokens(1, 18, seed=12)[0]]
+    ids = torch.zeros((2, 30), dtype=torch.long)
+    mask = torch.zeros((2, 30), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, 30 - len(r) :], mask[i, 30 - len(r) :] = r, 1
+    kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    outs = {}
+    for backend in ("eager", FLASH):
+        model = tiny_model(arch)
+        hf_posenc.patch(model, "alibi", attn_implementation=backend)
+        outs[backend] = model.generate(ids, pad_token_id=0, **kw)
+    assert torch.equal(outs["eager"].sequences, outs[FLASH].sequences)
+    assert max(max_diff(a, b) for a, b in zip(outs["eager"].scores, outs[FLASH].scores, strict=True)) <= 1e-5
+    assert any(kind == "varlen" for kind, _, _ in fake_flash.calls)
+
+
 def test_flash_unpatch_restores_backend():
     model = tiny_model("llama", attn="sdpa")
     x = tokens(1, 30)

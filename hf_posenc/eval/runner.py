@@ -60,8 +60,12 @@ def run_eval(model: nn.Module, tokenizer, spec: EvalSpec, *, progress: bool = Tr
         label = format_scheme_spec(parsed)
         entry: dict = {}
         start = time.perf_counter()
-        backend = {"attn_implementation": spec.attn_implementation}
-        with patched(model, parsed[0], **backend, **parsed[1]) if parsed is not None else contextlib.nullcontext():
+        scope = (
+            patched(model, parsed[0], attn_implementation=spec.attn_implementation, **parsed[1])
+            if parsed is not None
+            else contextlib.nullcontext()
+        )
+        with scope:
             entry["attn_implementation"] = model.config._attn_implementation
             if "ppl" in spec.tasks:
                 entry["ppl"] = [

@@ -67,9 +67,9 @@ def flash_alibi_attention(
     """Causal attention through flash-attn; ``query`` (B, H, q, D), ``key``/``value`` (B, Hkv, kv, D)."""
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 
-    from .attention import SLOPES_BUFFER
+    from .attention import _slopes  # attention imports this module
 
-    slopes = getattr(module, SLOPES_BUFFER, None)
+    slopes = _slopes(module)
     if slopes is not None:
         slopes = slopes.to(device=query.device, dtype=torch.float32).contiguous()
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, L, heads, D)
@@ -88,7 +88,8 @@ def flash_alibi_attention(
             )
         mask = attention_mask[:, -kv_len:].bool()
         keys, cu_k, max_k = _unpad(mask)
-        queries, cu_q, max_q = _unpad(mask[:, -q_len:])
+        # prefill (queries = keys): one unpad serves both; decode: the last q_len columns
+        queries, cu_q, max_q = (keys, cu_k, max_k) if q_len == kv_len else _unpad(mask[:, -q_len:])
         flat_k, flat_v = k.reshape(batch * kv_len, *k.shape[2:]), v.reshape(batch * kv_len, *v.shape[2:])
         flat_q = q.reshape(batch * q_len, heads, dim)
         packed = varlen(flat_q[queries], flat_k[keys], flat_v[keys], cu_q, cu_k, max_q, max_k)

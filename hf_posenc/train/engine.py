@@ -314,9 +314,7 @@ def load_adapter_output(folder: str | Path):
     parsed = parse_scheme_spec(cfg.scheme)
     if parsed is not None:
         hf_posenc.patch(model.get_base_model(), parsed[0], attn_implementation=cfg.attn_implementation, **parsed[1])
-    saved = load_file(folder / BASE_WEIGHTS_FILE)
-    missing = set(saved) - set(model.get_base_model().state_dict())
-    if missing:
-        raise KeyError(f"saved base tensors that the rebuilt model lacks: {sorted(missing)[:5]}")
-    model.get_base_model().load_state_dict(saved, strict=False)
+    loaded = model.get_base_model().load_state_dict(load_file(folder / BASE_WEIGHTS_FILE), strict=False)
+    if loaded.unexpected_keys:
+        raise KeyError(f"saved base tensors that the rebuilt model lacks: {sorted(loaded.unexpected_keys)[:5]}")
     return model.eval(), tokenizer
