@@ -20,6 +20,15 @@ from .base import ModelInfo, SchemeConfig, check_choice, check_int, check_number
 REFRESH_MODES = ("exact", "none")
 
 
+def check_context_factor(scheme: str, factor: float | None) -> None:
+    """A context-extension factor below 1 would shrink the context (and max_position_embeddings)."""
+    if factor is not None and factor < 1:
+        raise InvalidParameterError(
+            f"{scheme}: factor must be >= 1 (it multiplies the context length), got {factor!r}; "
+            "factor=1 leaves the model's context unchanged."
+        )
+
+
 @dataclass(frozen=True, kw_only=True)
 class RotaryScheme(SchemeConfig):
     """A scheme expressed as rotary frequencies (plus an optional cos/sin attention factor)."""
@@ -127,6 +136,7 @@ class _FactorScheme(RotaryScheme):
     def validate(self) -> None:
         super().validate()
         check_number(self.name, "factor", self.factor)
+        check_context_factor(self.name, self.factor)
 
 
 @register_scheme
@@ -173,6 +183,7 @@ class NTKConfig(RotaryScheme):
             raise InvalidParameterError("ntk: give exactly one of factor or alpha (they are synonyms).")
         check_number(self.name, "factor", self.factor, optional=True)
         check_number(self.name, "alpha", self.alpha, optional=True)
+        check_context_factor(self.name, self.scale)
 
     @property
     def scale(self) -> float:
@@ -349,6 +360,7 @@ class LongRoPEConfig(RotaryScheme):
                 check_number(self.name, key, v)
         check_int(self.name, "original_max_position_embeddings", self.original_max_position_embeddings, optional=True)
         check_number(self.name, "factor", self.factor, optional=True)
+        check_context_factor(self.name, self.factor)
         check_number(self.name, "attention_factor", self.attention_factor, optional=True)
         check_choice(self.name, "refresh", self.refresh, REFRESH_MODES)
 
