@@ -12,13 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import transformers
-from packaging.version import Version
 
 from .errors import CacheRefreshError
-
-TRANSFORMERS_VERSION = Version(transformers.__version__)
-MIN_TRANSFORMERS = Version("5.17.0")
 
 _CACHE_KEYWORDS = ("cache", "past_key_values")
 

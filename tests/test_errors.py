@@ -68,7 +68,7 @@ def test_parameters_checked_against_the_model():
 def test_missing_original_length():
     from hf_posenc.schemes import ModelInfo
 
-    info = ModelInfo("custom", head_dim=16, num_attention_heads=4, max_position_embeddings=None, rope_theta=1e4)
+    info = ModelInfo(head_dim=16, num_attention_heads=4, max_position_embeddings=None, rope_theta=1e4)
     scheme = hf_posenc.make_scheme("yarn", factor=2.0)
     with pytest.raises(hf_posenc.InvalidParameterError, match="original_max_position_embeddings is missing"):
         scheme.resolve(info)

@@ -15,7 +15,7 @@ from hf_posenc.schemes import ModelInfo, get_scheme_class
 from hf_posenc.schemes import rope_math as rm
 
 HEAD_DIM = 64
-INFO = ModelInfo("llama", HEAD_DIM, 4, max_position_embeddings=2048, rope_theta=10000.0)
+INFO = ModelInfo(HEAD_DIM, 4, max_position_embeddings=2048, rope_theta=10000.0)
 
 
 def hf_frequencies(rope_parameters: dict, seq_len=None, max_positions=2048):
@@ -150,7 +150,7 @@ FACTOR_ONE_IDENTITY = [
 @given(theta=st.floats(100.0, 1e6), dim=st.sampled_from([8, 16, 32, 64, 128]))
 @settings(max_examples=20, deadline=None)
 def test_factor_one_is_identity(name, params, theta, dim):
-    info = ModelInfo("llama", dim, 2, 4096, rope_theta=theta)
+    info = ModelInfo(dim, 2, 4096, rope_theta=theta)
     scheme = get_scheme_class(name).from_params(**params).resolve(info)
     inv_freq, scaling = scheme.frequencies(dim)
     torch.testing.assert_close(inv_freq, rm.default_inv_freq(dim, theta), rtol=1e-6, atol=0)

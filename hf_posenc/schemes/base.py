@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
+from .._version import __version__
 from ..errors import InvalidParameterError, UnknownSchemeError, did_you_mean
 
 _REGISTRY: dict[str, type[SchemeConfig]] = {}
@@ -24,7 +25,6 @@ S = TypeVar("S", bound="type[SchemeConfig]")
 class ModelInfo:
     """What a scheme needs to know about the model it is resolved against (read by an adapter)."""
 
-    model_type: str
     head_dim: int
     num_attention_heads: int
     max_position_embeddings: int | None
@@ -76,8 +76,6 @@ class SchemeConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict: ``{"scheme": name, "version": ..., **fields}``."""
-        from .. import __version__
-
         out: dict[str, Any] = {"scheme": self.name, "version": __version__}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
