@@ -29,6 +29,13 @@ class ArchitectureAdapter:
     def model_info(self, model: nn.Module) -> ModelInfo:
         raise NotImplementedError
 
+    # One registered instance per adapter class: copies of a patched model share it, pickles name it.
+    def __deepcopy__(self, memo: dict) -> ArchitectureAdapter:
+        return self
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return adapter_named, (self.name,)
+
     def check_supported(self, scheme: SchemeConfig) -> None:
         if scheme.kind not in self.kinds:
             raise UnsupportedSchemeError(
@@ -46,6 +53,11 @@ class ArchitectureAdapter:
     def native_config(self, model: nn.Module, scheme: SchemeConfig) -> dict[str, Any]:
         """Config attributes that make plain transformers load the patched model correctly."""
         return {}
+
+    def loads_natively(self, model: nn.Module, scheme: SchemeConfig) -> bool:
+        """True when plain transformers loads a saved patched model as patched (default: when the
+        patch has a native config form)."""
+        return bool(self.native_config(model, scheme))
 
     @staticmethod
     def require(obj: Any, path: str) -> Any:
@@ -83,6 +95,21 @@ def get_adapter(model: nn.Module) -> ArchitectureAdapter:
             f"No hf_posenc adapter for model_type {model_type!r}." + did_you_mean(model_type, _ADAPTERS)
         )
     return _ADAPTERS[model_type]
+
+
+def adapter_for_model_type(model_type: str | None) -> ArchitectureAdapter | None:
+    """The adapter registered for ``model_type``, or None."""
+    return _ADAPTERS.get(model_type) if model_type is not None else None
+
+
+def adapter_named(name: str) -> ArchitectureAdapter:
+    """The registered adapter called ``name``."""
+    for adapter in _ADAPTERS.values():
+        if adapter.name == name:
+            return adapter
+    raise UnknownArchitectureError(
+        f"No hf_posenc adapter named {name!r}." + did_you_mean(name, {a.name for a in _ADAPTERS.values()})
+    )
 
 
 def list_architectures() -> dict[str, str]:

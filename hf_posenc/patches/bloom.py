@@ -9,18 +9,19 @@ ALiBi. Native BLOOM therefore gains sdpa, flex and flash-attn, and every other s
 
 from __future__ import annotations
 
-import types
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UnsupportedSchemeError
+from ..errors import HookPointMissingError, UnsupportedSchemeError
+from ..schemes.alibi import AlibiConfig
 from ..schemes.base import ModelInfo, SchemeConfig
 from . import attention
 from .base import ArchitectureAdapter, register_architecture
 from .common import (
+    POSITIONS_ATTR,
     absolute_module,
     add_alibi_slopes,
     choose_backend,
@@ -29,47 +30,70 @@ from .common import (
     positional_family_info,
     set_backend,
 )
-from .context import PositionContext, install_position_context
+from .context import DecoderPositions, PositionState, install_position_context
 from .embeddings import apply_rotary
 from .handle import PatchHandle
+from .wrappers import current_state
 
 
-def make_bloom_attention_forward(backend: str, context: PositionContext):
-    attend = attention.FUNCTIONS[backend]
-    flash = is_flash(backend)
+class BloomAttentionForward:
+    """``BloomAttention.forward`` of one attention module: split the fused qkv, rotate q and k when the
+    scheme is rotary, update the cache, attend through the chosen backend. This call's positions and
+    rotary tables arrive as BLOOM's ``alibi`` argument (see :class:`StateAsAlibi`), which every block
+    receives and gradient checkpointing keeps for the recomputation in backward."""
 
-    def forward(
-        self: nn.Module,
+    def __init__(self, module: nn.Module, backend: str) -> None:
+        self.module = module
+        self.backend = backend
+
+    def __call__(
+        self,
         hidden_states: torch.Tensor,
         residual: torch.Tensor,
-        alibi: torch.Tensor,
+        alibi: Any,
         attention_mask: torch.Tensor | None,
         layer_past: Any = None,
         use_cache: bool = False,
         output_attentions: bool = False,
         **kwargs: Any,
     ):
-        query, key, value = self._reshape(self.query_key_value(hidden_states))  # (B, H, L, D)
-        if context.cos is not None:
-            query = apply_rotary(query, context.cos, context.sin, 1)
-            key = apply_rotary(key, context.cos, context.sin, 1)
+        attn = self.module
+        if not isinstance(alibi, PositionState):
+            raise HookPointMissingError(
+                "BLOOM's attention did not receive hf_posenc's position state in place of its alibi tensor: "
+                "the installed transformers changed how BloomModel builds it."
+            )
+        query, key, value = attn._reshape(attn.query_key_value(hidden_states))  # (B, H, L, D)
+        if alibi.cos is not None:
+            query = apply_rotary(query, alibi.cos, alibi.sin, 1)
+            key = apply_rotary(key, alibi.cos, alibi.sin, 1)
         if layer_past is not None:
-            key, value = layer_past.update(key, value, self.layer_idx)
-        dropout = self.attention_dropout.p if self.training else 0.0
+            key, value = layer_past.update(key, value, attn.layer_idx)
+        dropout = attn.attention_dropout.p if attn.training else 0.0
         # BLOOM's attention receives no position ids; flash-attn needs them to keep packed documents apart
-        extra = {"position_ids": context.positions} if flash else {}
+        extra = {"position_ids": alibi.positions} if is_flash(self.backend) else {}
+        attend = attention.FUNCTIONS[self.backend]
         out, probs = attend(
-            self, query, key, value, attention_mask, scaling=self.inv_norm_factor, dropout=dropout, **extra
+            attn, query, key, value, attention_mask, scaling=attn.inv_norm_factor, dropout=dropout, **extra
         )
-        output = self.dense(out.reshape(*out.shape[:2], -1))
-        output = residual + F.dropout(output, p=self.hidden_dropout, training=self.training)
+        output = attn.dense(out.reshape(*out.shape[:2], -1))
+        output = residual + F.dropout(output, p=attn.hidden_dropout, training=attn.training)
         return output, probs
 
-    return forward
 
+class StateAsAlibi:
+    """``BloomModel.build_alibi_tensor`` of one instance: instead of BLOOM's ALiBi tensor (unused by the
+    replaced attention; it also cannot take the 4D mask of packed sequences) it returns the decoder
+    call's :class:`PositionState`, which BLOOM then hands to every block."""
 
-def _no_alibi(self: nn.Module, attention_mask: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros((), dtype=dtype, device=attention_mask.device)
+    def __init__(self, source: DecoderPositions) -> None:
+        self.source = source
+
+    def __call__(self, attention_mask: torch.Tensor, num_heads: int, dtype: torch.dtype) -> PositionState:
+        state = current_state(self.source)
+        if state is None:
+            raise HookPointMissingError("BloomModel built its alibi tensor outside hf_posenc's decoder forward.")
+        return state
 
 
 @register_architecture
@@ -80,6 +104,9 @@ class BloomAdapter(ArchitectureAdapter):
 
     def decoder(self, model: nn.Module) -> nn.Module:
         return model if hasattr(model, "word_embeddings") else self.require(model, "transformer")
+
+    def loads_natively(self, model: nn.Module, scheme: SchemeConfig) -> bool:
+        return isinstance(scheme, AlibiConfig) and scheme.slope_scale == 1.0  # BLOOM's own ALiBi
 
     def model_info(self, model: nn.Module) -> ModelInfo:
         return positional_family_info(model.config, getattr(model.config, "seq_length", None) or 2048)
@@ -110,21 +137,27 @@ class BloomAdapter(ArchitectureAdapter):
                 device=weight.device,
                 packed_mask=packed_mask,
                 outer=model,
+                explicit_mask=True,
             )
-        elif scheme.kind == "absolute":
-            table = absolute_module(scheme, model.config.hidden_size, dtype=weight.dtype, device=weight.device)
-            handle.set_attr(decoder, "hf_posenc_positions", table)
+        else:
+            embed_attr = None
+            if scheme.kind == "absolute":  # ALiBi or NoPE: positions only for packed sequences and flash
+                table = absolute_module(scheme, model.config.hidden_size, dtype=weight.dtype, device=weight.device)
+                handle.set_attr(decoder, POSITIONS_ATTR, table)
+                embed_attr = POSITIONS_ATTR
             context = install_position_context(
-                decoder, handle, from_mask=True, embed_positions=table, packed_mask=packed_mask, outer=model
+                decoder,
+                handle,
+                from_mask=True,
+                embed_attr=embed_attr,
+                packed_mask=packed_mask,
+                outer=model,
+                explicit_mask=True,
             )
-        else:  # ALiBi or NoPE: positions only for packed sequences
-            context = install_position_context(decoder, handle, from_mask=True, packed_mask=packed_mask, outer=model)
         if scheme.kind == "alibi":
             add_alibi_slopes(attns, scheme, info.num_attention_heads, handle, weight.device)
-        # BLOOM's own ALiBi tensor is unused by the replaced attention; skip building it (it also cannot
-        # take the 4D mask used for packed sequences).
-        handle.set_attr(decoder, "build_alibi_tensor", types.MethodType(_no_alibi, decoder))
+        handle.set_attr(decoder, "build_alibi_tensor", StateAsAlibi(context))
         backend = attention.base_backend(name)
         for attn in attns:
-            handle.set_attr(attn, "forward", types.MethodType(make_bloom_attention_forward(backend, context), attn))
+            handle.set_attr(attn, "forward", BloomAttentionForward(attn, backend))
         set_backend(model, handle, name)

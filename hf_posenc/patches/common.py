@@ -13,8 +13,8 @@ from ..schemes.absolute import LearnedConfig, SinusoidalConfig, extend_table
 from ..schemes.alibi import AlibiConfig
 from ..schemes.base import ModelInfo, SchemeConfig
 from . import attention
-from .context import PositionContext, install_position_context
-from .embeddings import LearnedPositions, SinusoidalPositions, ZeroPositions, projection_rotation_hook
+from .context import DecoderPositions, install_position_context
+from .embeddings import LearnedPositions, RotaryAttention, SinusoidalPositions, ZeroPositions
 from .flash import NAME as FLASH
 from .flash import flash_available
 from .handle import PatchHandle
@@ -23,6 +23,9 @@ from .rotary import PosencRotaryEmbedding
 
 #: rope_theta for families that have no rotary embedding of their own (GPT-2, OPT, BLOOM)
 DEFAULT_ROPE_THETA = 10000.0
+#: decoder attributes of the modules hf_posenc adds (state-dict prefixes of the tensors it owns)
+ROTARY_ATTR = "hf_posenc_rotary"
+POSITIONS_ATTR = "hf_posenc_positions"
 PLAIN_BACKENDS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 
@@ -30,7 +33,6 @@ def positional_family_info(config, max_positions: int | None) -> ModelInfo:
     """ModelInfo for a family with no rotary embedding of its own (GPT-2, OPT, BLOOM): geometry from the
     config's standard attribute names (their attribute maps cover n_embd / n_head), default rope theta."""
     return ModelInfo(
-        model_type=config.model_type,
         head_dim=config.hidden_size // config.num_attention_heads,
         num_attention_heads=config.num_attention_heads,
         max_position_embeddings=max_positions,
@@ -126,23 +128,58 @@ def install_rotary_context(
     *,
     from_mask: bool,
     device=None,
-    projections: Iterable[nn.Module] = (),
+    attentions: Iterable[nn.Module] = (),
+    projections: tuple[str, ...] = (),
     num_heads: int = 0,
     parts: int = 1,
     packed_mask: bool = False,
     outer: nn.Module | None = None,
-) -> PositionContext:
-    """RoPE for a family whose attention has no rotary step: a rotary module on the decoder, a position
-    context computing (cos, sin) once per forward, rotation hooks on the given q/k ``projections``
-    (``parts`` rotated blocks each), and the exact cache refresh for length-dependent scalings."""
+    explicit_mask: bool = False,
+) -> DecoderPositions:
+    """RoPE for a family whose attention has no rotary step: a rotary module on the decoder, the
+    decoder's position context computing (cos, sin) once per forward, and on each of ``attentions``
+    a :class:`RotaryAttention` rotating the outputs of the named q/k ``projections`` (``parts`` rotated
+    blocks each); plus the exact cache refresh for length-dependent scalings."""
     rotary = PosencRotaryEmbedding(scheme, head_dim, device)
-    handle.set_attr(decoder, "hf_posenc_rotary", rotary)
+    handle.set_attr(decoder, ROTARY_ATTR, rotary)
+    attentions = list(attentions)
     context = install_position_context(
-        decoder, handle, from_mask=from_mask, rotary=rotary, packed_mask=packed_mask, outer=outer
+        decoder,
+        handle,
+        from_mask=from_mask,
+        rotary_attr=ROTARY_ATTR,
+        packed_mask=packed_mask,
+        outer=outer,
+        pass_positions=bool(attentions),
+        explicit_mask=explicit_mask,
     )
-    for projection in projections:
-        hook = projection_rotation_hook(context, num_heads, head_dim, parts=parts)
-        handle.add_hook(projection.register_forward_hook(hook))
+    for module in attentions:
+        wrapper = RotaryAttention(
+            module,
+            decoder,
+            context,
+            rotary_attr=ROTARY_ATTR,
+            projections=projections,
+            num_heads=num_heads,
+            head_dim=head_dim,
+            parts=parts,
+        )
+        wrapper.install(handle)
+        handle.on_undo(wrapper)
     if needs_cache_refresh(scheme):
         install_cache_refresh(decoder, scheme, handle)
     return context
+
+
+class RefillOriginalRows:
+    """After ``from_pretrained`` loads a resized table, copy its first rows back into the original table
+    (whose values the reload could not restore), so ``unpatch`` gives the original model back."""
+
+    def __init__(self, original: torch.Tensor, resized: nn.Module, rows: int) -> None:
+        self.original = original
+        self.resized = resized
+        self.rows = rows
+
+    def __call__(self) -> None:
+        with torch.no_grad():
+            self.original[: self.rows].copy_(self.resized.weight[: self.rows])

@@ -15,6 +15,7 @@ from torch import nn
 from ..schemes.base import ModelInfo, SchemeConfig
 from .base import ArchitectureAdapter, register_architecture
 from .common import (
+    RefillOriginalRows,
     absolute_module,
     add_alibi_slopes,
     choose_backend,
@@ -57,9 +58,10 @@ class GPT2Adapter(ArchitectureAdapter):
         if scheme.name == "learned" and not scheme.new_table:
             # The extended table keeps the original rows; after a reload they refill the original.
             rows = min(wpe.num_embeddings, replacement.num_embeddings)
-            handle.after_load.append(lambda: wpe.weight.data[:rows].copy_(replacement.weight.data[:rows]))
+            handle.after_load.append(RefillOriginalRows(wpe.weight, replacement, rows))
         if scheme.kind == "rotary":
-            projections = [self.require(attn, "c_attn") for attn in attns]  # fused q | k | v
+            for attn in attns:
+                self.require(attn, "c_attn")  # fused q | k | v
             install_rotary_context(
                 decoder,
                 scheme,
@@ -67,7 +69,8 @@ class GPT2Adapter(ArchitectureAdapter):
                 handle,
                 from_mask=False,
                 device=wpe.weight.device,
-                projections=projections,
+                attentions=attns,
+                projections=("c_attn",),
                 num_heads=info.num_attention_heads,
                 parts=2,
             )

@@ -16,7 +16,7 @@ from torch import nn
 from ..schemes.base import ModelInfo, SchemeConfig
 from ..schemes.nope import NoPEConfig
 from .base import ArchitectureAdapter, register_architecture
-from .common import absolute_module, add_alibi_slopes, choose_backend, set_backend
+from .common import POSITIONS_ATTR, absolute_module, add_alibi_slopes, choose_backend, set_backend
 from .context import install_position_context
 from .handle import PatchHandle
 from .refresh import install_cache_refresh, needs_cache_refresh
@@ -47,7 +47,6 @@ class LlamaFamilyAdapter(ArchitectureAdapter):
         rope = getattr(config, "rope_parameters", None) or {}
         partial = float(rope.get("partial_rotary_factor") or 1.0) if self.rotary_prefix else 1.0
         return ModelInfo(
-            model_type=config.model_type,
             head_dim=head_dim,
             num_attention_heads=config.num_attention_heads,
             max_position_embeddings=getattr(config, "max_position_embeddings", None),
@@ -80,8 +79,8 @@ class LlamaFamilyAdapter(ArchitectureAdapter):
         if scheme.kind == "absolute":
             weight = decoder.get_input_embeddings().weight
             table = absolute_module(scheme, model.config.hidden_size, dtype=weight.dtype, device=weight.device)
-            handle.set_attr(decoder, "hf_posenc_positions", table)
-            install_position_context(decoder, handle, embed_positions=table)
+            handle.set_attr(decoder, POSITIONS_ATTR, table)
+            install_position_context(decoder, handle, embed_attr=POSITIONS_ATTR)
         set_backend(model, handle, backend)
 
     def native_config(self, model: nn.Module, scheme: SchemeConfig) -> dict[str, Any]:

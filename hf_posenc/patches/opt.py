@@ -16,6 +16,7 @@ from ..schemes.absolute import extend_table
 from ..schemes.base import ModelInfo, SchemeConfig
 from .base import ArchitectureAdapter, register_architecture
 from .common import (
+    RefillOriginalRows,
     absolute_module,
     add_alibi_slopes,
     choose_backend,
@@ -84,14 +85,16 @@ class OPTAdapter(ArchitectureAdapter):
             with torch.no_grad():
                 replacement.weight.copy_(rows)
             kept = min(weight.shape[0], rows.shape[0])
-            handle.after_load.append(lambda: weight.data[:kept].copy_(replacement.weight.data[:kept]))
+            handle.after_load.append(RefillOriginalRows(weight, replacement, kept))
         else:
             position_scheme = scheme if scheme.kind == "absolute" else None
             inner = absolute_module(position_scheme, info.head_dim * info.num_attention_heads, dtype=weight.dtype)
             replacement = OPTPositions(inner.to(weight.device), weight)
         handle.set_attr(decoder, "embed_positions", replacement)
         if scheme.kind == "rotary":
-            projections = [self.require(attn, name) for attn in attns for name in ("q_proj", "k_proj")]
+            for attn in attns:
+                self.require(attn, "q_proj")
+                self.require(attn, "k_proj")
             install_rotary_context(
                 decoder,
                 scheme,
@@ -99,7 +102,8 @@ class OPTAdapter(ArchitectureAdapter):
                 handle,
                 from_mask=True,
                 device=weight.device,
-                projections=projections,
+                attentions=attns,
+                projections=("q_proj", "k_proj"),
                 num_heads=info.num_attention_heads,
                 parts=1,
                 packed_mask=packed_mask,

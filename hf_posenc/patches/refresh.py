@@ -9,7 +9,6 @@ cache object. With a bucketed scale (``bucket_ratio > 1``) refreshes are geometr
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +19,7 @@ from .._compat import cache_keyword, empty_cache, output_cache
 from ..errors import CacheRefreshError
 from .handle import PatchHandle
 from .rotary import sequence_length
+from .wrappers import BoundCall, ForwardWrapper
 
 _STATE_ATTR = "_hf_posenc_history"
 
@@ -54,21 +54,39 @@ class _History:
         return kind, tokens, torch.cat(self.positions, dim=-1)
 
 
-def _follow_reorders(cache: Any) -> None:
-    """Wrap ``cache.reorder_cache`` (this cache object only, once) so the token history is reordered
-    with the cached keys: otherwise a refresh during beam search would replay other beams' tokens."""
-    if getattr(cache, "_hf_posenc_follows_reorders", False) or not hasattr(cache, "reorder_cache"):
-        return
-    original = cache.reorder_cache
+class _ReorderWithHistory:
+    """``cache.reorder_cache`` of one cache object: reorders the token history with the cached keys, so
+    a refresh during beam search replays each beam's own tokens."""
 
-    def reorder_cache(beam_idx: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        history = getattr(cache, _STATE_ATTR, None)
+    def __init__(self, cache: Any) -> None:
+        self.cache = cache
+        self.inner = cache.reorder_cache
+
+    def __call__(self, beam_idx: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        history = getattr(self.cache, _STATE_ATTR, None)
         if history is not None:
             history.reorder(beam_idx)
-        return original(beam_idx, *args, **kwargs)
+        return self.inner(beam_idx, *args, **kwargs)
 
-    cache.reorder_cache = reorder_cache
-    cache._hf_posenc_follows_reorders = True
+
+def _track(cache: Any, history: _History) -> None:
+    """Keep ``history`` on ``cache`` (and follow its reorders)."""
+    setattr(cache, _STATE_ATTR, history)
+    if hasattr(cache, "reorder_cache") and not isinstance(cache.reorder_cache, _ReorderWithHistory):
+        cache.reorder_cache = _ReorderWithHistory(cache)
+
+
+def _require_dynamic(cache: Any, scheme: Any) -> None:
+    """A refresh empties the cache and re-encodes the prefix: only dynamic layers can hold that."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers is None or not all(isinstance(layer, DynamicLayer) for layer in layers):
+        raise CacheRefreshError(
+            f"{scheme.name} with refresh='exact' needs a dynamic KV cache (DynamicCache, the default of "
+            f"forward() and generate()); got {type(cache).__name__}, which cannot be re-encoded when the scale "
+            f"changes. Use the default cache, or patch with refresh='none' (transformers' stale-cache behaviour)."
+        )
 
 
 def needs_cache_refresh(scheme: Any) -> bool:
@@ -76,36 +94,46 @@ def needs_cache_refresh(scheme: Any) -> bool:
     return getattr(scheme, "length_dependent", False) and getattr(scheme, "refresh", "none") == "exact"
 
 
-def install_cache_refresh(decoder: nn.Module, scheme: Any, handle: PatchHandle) -> None:
-    """Wrap ``decoder.forward`` (this instance only) so cached decoding re-encodes on a scale change."""
-    original = decoder.forward
-    signature = inspect.signature(original)
-    cache_kw = cache_keyword(original)
+class CacheRefreshForward(ForwardWrapper):
+    """The decoder's forward for a length-dependent scheme: re-encodes the cached prefix whenever the
+    scale changes during cached decoding. The history of cached tokens lives on the cache object, so
+    a cache is tracked however it came into being: passed by the caller or by ``generate``, or created
+    by the model inside a first ``use_cache=True`` call."""
 
-    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        bound = signature.bind(*args, **kwargs)
-        arguments = bound.arguments
-        extra = arguments.pop("kwargs", {})
-        cache = arguments.get(cache_kw)
-        if cache is None:
-            return original(*args, **kwargs)
-        input_ids = arguments.get("input_ids")
-        inputs_embeds = arguments.get("inputs_embeds")
+    def __init__(self, decoder: nn.Module, scheme: Any) -> None:
+        super().__init__(decoder)
+        self.scheme = scheme
+        self.cache_kw = cache_keyword(self.inner_forward())
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        scheme = self.scheme
+        call = BoundCall(self, args, kwargs)
+        cache = call.get(self.cache_kw)
+        input_ids = call.get("input_ids")
+        inputs_embeds = call.get("inputs_embeds")
         new = input_ids if input_ids is not None else inputs_embeds
         batch, length = new.shape[0], new.shape[1]
-        past = cache.get_seq_length()
-        positions = arguments.get("position_ids")
+        past = cache.get_seq_length() if cache is not None else 0
+        positions = call.get("position_ids")
         if positions is None:
             positions = torch.arange(past, past + length, device=new.device).unsqueeze(0)
         positions = positions.expand(batch, -1)
         bucket = scheme.length_bucket(sequence_length(positions))
         kind, tokens = ("ids", input_ids) if input_ids is not None else ("embeds", inputs_embeds)
+        if cache is None:  # the model may create a cache inside this call: track it if it does
+            out = self.call_inner(**call.kwargs())
+            created = output_cache(out)
+            if created is not None and getattr(created, _STATE_ATTR, None) is None:
+                _require_dynamic(created, scheme)
+                history = _History(bucket=bucket)
+                history.append(kind, tokens, positions)
+                _track(created, history)
+            return out
         history: _History | None = getattr(cache, _STATE_ATTR, None)
-
         if past == 0:
+            _require_dynamic(cache, scheme)
             history = _History(bucket=bucket)
-            setattr(cache, _STATE_ATTR, history)
-            _follow_reorders(cache)
+            _track(cache, history)
         elif history is None or history.length != past:
             raise CacheRefreshError(
                 f"{scheme.name}: this cache holds {past} tokens that hf_posenc did not see (it was filled "
@@ -114,22 +142,22 @@ def install_cache_refresh(decoder: nn.Module, scheme: Any, handle: PatchHandle) 
             )
         if history.bucket == bucket or past == 0:
             history.append(kind, tokens, positions)
-            return original(*args, **kwargs)
+            return self.call_inner(**call.kwargs())
 
         # The scale changed: re-encode the prefix plus the new tokens under the new frequencies.
         history.append(kind, tokens, positions)
-        mask = arguments.get("attention_mask")
+        mask = call.get("attention_mask")
         if mask is not None and (mask.dim() != 2 or mask.shape[-1] != history.length):
             raise CacheRefreshError(
                 f"{scheme.name}: a cache refresh needs a 2D attention_mask covering all "
                 f"{history.length} tokens, got shape {tuple(mask.shape)}."
             )
-        replay_kind, all_tokens, all_positions = history.replay(self.get_input_embeddings())
+        replay_kind, all_tokens, all_positions = history.replay(self.module.get_input_embeddings())
         empty_cache(cache)
-        arguments["input_ids"] = all_tokens if replay_kind == "ids" else None
-        arguments["inputs_embeds"] = all_tokens if replay_kind == "embeds" else None
-        arguments["position_ids"] = all_positions
-        out = original(**arguments, **extra)
+        call.set("input_ids", all_tokens if replay_kind == "ids" else None)
+        call.set("inputs_embeds", all_tokens if replay_kind == "embeds" else None)
+        call.set("position_ids", all_positions)
+        out = self.call_inner(**call.kwargs())
         history.bucket = bucket
         history.refreshes += 1
         if output_cache(out) is not cache:
@@ -139,7 +167,10 @@ def install_cache_refresh(decoder: nn.Module, scheme: Any, handle: PatchHandle) 
             out.hidden_states = tuple(h[:, -length:] for h in out.hidden_states)
         return out
 
-    handle.replace_forward(decoder, forward, signature)
+
+def install_cache_refresh(decoder: nn.Module, scheme: Any, handle: PatchHandle) -> None:
+    """Wrap ``decoder.forward`` (this instance only) so cached decoding re-encodes on a scale change."""
+    CacheRefreshForward(decoder, scheme).install(handle)
 
 
 def refresh_count(cache: Any) -> int:

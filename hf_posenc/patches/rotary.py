@@ -23,6 +23,10 @@ class FrequencySource(Protocol):
     def length_bucket(self, seq_len: int) -> int: ...
 
 
+#: length buckets whose tables a rotary module keeps (bucketed schemes need a handful)
+_MAX_TABLES = 64
+
+
 def sequence_length(position_ids: torch.Tensor) -> int:
     """The length a length-dependent scheme scales for: the largest position plus one."""
     return int(position_ids.max()) + 1
@@ -52,39 +56,46 @@ class PosencRotaryEmbedding(nn.Module):
         inv_freq, scaling = self._frequencies(None)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
         self.attention_scaling = scaling
-        self._bucket: Any = None
-        if scheme.length_dependent:
-            self._bucket = scheme.length_bucket(0)
+        #: length-dependent schemes: (inv_freq, scaling) per length bucket, computed once each. Filled,
+        #: never mutated, so threads running different lengths never see each other's frequencies.
+        self._tables: dict[Any, tuple[torch.Tensor, float]] = {}
         # Channels past the rotary part (partial rotary) pass through unscaled, as in transformers.
         rotated = inv_freq != 0
-        self._partial = bool((~rotated).any()) and scaling != 1.0
         self.register_buffer("_rotated", torch.cat([rotated, rotated]), persistent=False)
+        self._partial = bool((~rotated).any())
 
-    def _refresh_for(self, position_ids: torch.Tensor) -> None:
+    def tables_for(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Inverse frequencies and attention scaling for this call's positions."""
+        if not self.scheme.length_dependent:
+            return self.inv_freq, self.attention_scaling
         seq_len = sequence_length(position_ids)
         bucket = self.scheme.length_bucket(seq_len)
-        if bucket != self._bucket:
-            inv_freq, self.attention_scaling = self._frequencies(seq_len)
-            self.inv_freq = inv_freq.to(self.inv_freq.device)
-            self._bucket = bucket
+        if bucket == self.scheme.length_bucket(0):
+            return self.inv_freq, self.attention_scaling
+        found = self._tables.get(bucket)
+        if found is None:
+            found = self._frequencies(seq_len)
+            if len(self._tables) >= _MAX_TABLES:
+                self._tables.clear()
+            self._tables[bucket] = found
+        return found
 
     def _frequencies(self, seq_len: int | None) -> tuple[torch.Tensor, float]:
         inv_freq, scaling = self.scheme.frequencies(self.head_dim, seq_len)
         return inv_freq[: self.pairs], scaling
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None):
-        if self.scheme.length_dependent:
-            self._refresh_for(position_ids)
+        inv_freq, scaling = self.tables_for(position_ids)
         device_type = x.device.type if x.device.type != "mps" else "cpu"
         with torch.autocast(device_type=device_type, enabled=False):
-            freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+            freqs = position_ids[..., None].float() * inv_freq.to(device=x.device, dtype=torch.float)
             emb = torch.cat((freqs, freqs), dim=-1)
             cos, sin = emb.cos(), emb.sin()
-            if self._partial:
-                scale = torch.where(self._rotated.to(x.device), self.attention_scaling, 1.0)
+            if scaling != 1.0 and self._partial:
+                scale = torch.where(self._rotated.to(x.device), scaling, 1.0)
                 cos, sin = cos * scale, sin * scale
             else:
-                cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+                cos, sin = cos * scaling, sin * scaling
         return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
 
     def extra_repr(self) -> str:
