@@ -8,29 +8,36 @@
 from . import patches as patches
 from . import schemes as schemes
 from ._version import __version__
-from .api import from_pretrained, get_handle, is_patched, make_scheme, patch, patched, unpatch
+from .api import get_handle, is_patched, make_scheme, patch, patched, unpatch
 from .errors import (
     AlreadyPatchedError,
     CacheRefreshError,
+    CheckpointNotFoundError,
     HookPointMissingError,
     InvalidParameterError,
+    InvalidRecordError,
     NotPatchedError,
     PosencError,
+    PosencWarning,
     UnknownArchitectureError,
     UnknownSchemeError,
     UnsupportedSchemeError,
 )
+from .loading import from_pretrained
 from .patches import PatchHandle, list_architectures, refresh_count
 from .schemes import SchemeConfig, list_schemes
 
 __all__ = [
     "AlreadyPatchedError",
     "CacheRefreshError",
+    "CheckpointNotFoundError",
     "HookPointMissingError",
     "InvalidParameterError",
+    "InvalidRecordError",
     "NotPatchedError",
     "PatchHandle",
     "PosencError",
+    "PosencWarning",
     "SchemeConfig",
     "UnknownArchitectureError",
     "UnknownSchemeError",

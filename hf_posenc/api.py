@@ -1,24 +1,28 @@
-"""The public entry points: patch, unpatch, patched, from_pretrained, is_patched, get_handle."""
+"""The public entry points: patch, unpatch, patched, is_patched, get_handle (loading: :mod:`.loading`)."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
-import torch
 from torch import nn
 
-from .errors import AlreadyPatchedError, InvalidParameterError, NotPatchedError
+from .errors import (
+    AlreadyPatchedError,
+    InvalidParameterError,
+    InvalidRecordError,
+    NotPatchedError,
+    PosencWarning,
+)
 from .patches.base import get_adapter
 from .patches.handle import PatchHandle
+from .record import ABSENT, RECORD_KEY, PatchRecord, fingerprint, read_record
 from .schemes.base import SchemeConfig, get_scheme_class
 
-CONFIG_KEY = "posenc"
 _HANDLE_ATTR = "_hf_posenc_handle"
-_ABSENT = "__absent__"
-# from_pretrained keywords that also apply to loading the config.
-_CONFIG_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "trust_remote_code")
 
 
 def make_scheme(scheme: str | SchemeConfig, **params: Any) -> SchemeConfig:
@@ -35,9 +39,17 @@ def make_scheme(scheme: str | SchemeConfig, **params: Any) -> SchemeConfig:
     return get_scheme_class(scheme).from_params(**params)
 
 
+def patch_target(model: nn.Module) -> nn.Module:
+    """The transformers model a call patches: ``model`` itself, or a peft ``PeftModel``'s base model
+    (so patching before or after ``get_peft_model`` reaches the same modules)."""
+    if type(model).__module__.startswith("peft") and hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model
+
+
 def get_handle(model: nn.Module) -> PatchHandle | None:
-    """The active handle of a patched model, or None."""
-    return model.__dict__.get(_HANDLE_ATTR)
+    """The active handle of a patched model (or of the base model of a peft model), or None."""
+    return patch_target(model).__dict__.get(_HANDLE_ATTR)
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -55,7 +67,8 @@ def patch(
     """Replace the position handling of ``model`` in place, on this instance only.
 
     Args:
-        model: a loaded transformers causal LM (or its base model) of a supported architecture.
+        model: a loaded transformers causal LM (or its base model, or a peft model wrapping one) of a
+            supported architecture.
         scheme: a scheme name or alias (see :func:`list_schemes`) or a scheme config object.
         replace: unpatch first if the model is already patched (otherwise that is an error).
         attn_implementation: ``"eager"``, ``"sdpa"`` or ``"flex_attention"`` (``"flash_attention_2"``
@@ -65,51 +78,105 @@ def patch(
     Returns:
         The :class:`PatchHandle`; ``unpatch(model)`` or ``handle.unpatch()`` restores the original.
     """
-    if is_patched(model):
+    target = patch_target(model)
+    if is_patched(target):
         if not replace:
             raise AlreadyPatchedError(
-                f"This model is already patched with {get_handle(model).scheme.name!r}; "
+                f"This model is already patched with {get_handle(target).scheme.name!r}; "
                 "call hf_posenc.unpatch(model) first or pass replace=True."
             )
-        unpatch(model)
+        unpatch(target)
+    stale = read_record(getattr(target, "config", None), "this model's config")
+    if stale is not None:
+        raise InvalidRecordError(
+            f"This model's config carries an hf_posenc record ({stale.label}) but the model is not patched: it "
+            "was loaded from a patched checkpoint without hf_posenc, so its position handling is not what the "
+            "record says. Load it with hf_posenc.from_pretrained(path); or, to treat it as a plain model, "
+            f"delete the record first (del model.config.{RECORD_KEY})."
+        )
     config = make_scheme(scheme, **params)
-    adapter = get_adapter(model)
+    adapter = get_adapter(target)
     adapter.check_supported(config)
-    resolved = config.resolve(adapter.model_info(model))
-    handle = PatchHandle(model, resolved, adapter)
-    before = {k: id(v) for k, v in model.state_dict(keep_vars=True).items()}
+    resolved = config.resolve(adapter.model_info(target))
+    handle = PatchHandle(target, resolved, adapter)
     try:
-        adapter.install(model, resolved, handle, attn_implementation)
-        after = model.state_dict(keep_vars=True)
+        own_config(target, handle)
+        before = {k: id(v) for k, v in target.state_dict(keep_vars=True).items()}
+        adapter.install(target, resolved, handle, attn_implementation)
+        after = target.state_dict(keep_vars=True)
         handle.owned_keys = sorted(k for k, v in after.items() if before.get(k) != id(v))
-        native = adapter.native_config(model, resolved)
-        original = {key: model.config.__dict__.get(key, _ABSENT) for key in native}
+        native = adapter.native_config(target, resolved)
+        original = {key: target.config.__dict__.get(key, ABSENT) for key in native}
         for key, value in native.items():
-            handle.set_config(model.config, key, value)
-        record = {
-            "spec": resolved.to_dict(),
-            "architecture": adapter.name,
-            "original_config": original,
-            "owned_keys": handle.owned_keys,
+            handle.set_config(target.config, key, value)
+        record = PatchRecord(
+            spec=resolved.to_dict(),
+            architecture=adapter.name,
+            original_config=original,
+            owned_keys=tuple(handle.owned_keys),
             # the backend asked for, so hf_posenc.from_pretrained can choose it again (BLOOM, for one,
             # refuses sdpa at load time: only the patch can give it)
-            "attn_implementation": attn_implementation,
-        }
-        handle.set_config(model.config, CONFIG_KEY, record)
+            attn_implementation=attn_implementation,
+            fingerprint=owned_fingerprint(target, handle.owned_keys),
+        )
+        handle.set_config(target.config, RECORD_KEY, record.to_dict())
+        handle.set_attr(target, "save_pretrained", SaveWithRecord(target))
     except BaseException:
         handle.undo()
         raise
-    model.__dict__[_HANDLE_ATTR] = handle
+    target.__dict__[_HANDLE_ATTR] = handle
     return handle
+
+
+def own_config(model: nn.Module, handle: PatchHandle) -> None:
+    """Give the model (and each of its modules that shares it) its own copy of the config, so a patch
+    never changes another model built from the same config object."""
+    shared = model.config
+    mine = copy.deepcopy(shared)
+    for module in model.modules():
+        if module.__dict__.get("config") is shared:
+            handle.set_attr(module, "config", mine)
+
+
+def owned_fingerprint(model: nn.Module, keys: list[str] | tuple[str, ...]) -> str | None:
+    state = model.state_dict()
+    return fingerprint({key: state[key] for key in keys if key in state})
+
+
+class SaveWithRecord:
+    """``save_pretrained`` of a patched model (this instance only): refreshes the record's fingerprint
+    of the tensors the patch owns, warns when plain transformers would load a different model, then
+    saves as usual."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        model = self.model
+        handle = get_handle(model)
+        if handle is not None and isinstance(getattr(model.config, RECORD_KEY, None), dict):
+            record = dict(getattr(model.config, RECORD_KEY))
+            record["fingerprint"] = owned_fingerprint(model, handle.owned_keys)
+            setattr(model.config, RECORD_KEY, record)
+            if not handle.adapter.loads_natively(model, handle.scheme):
+                warnings.warn(
+                    f"{handle.scheme.name} on {handle.architecture} has no equivalent in transformers' own config: "
+                    "this checkpoint loads as patched only with hf_posenc.from_pretrained(path); plain "
+                    "AutoModelForCausalLM.from_pretrained(path) would load the model as it was before patching.",
+                    PosencWarning,
+                    stacklevel=2,
+                )
+        return type(model).save_pretrained(model, *args, **kwargs)
 
 
 def unpatch(model: nn.Module) -> None:
     """Restore the model exactly as it was before :func:`patch` (modules, config, parameters)."""
-    handle = get_handle(model)
+    target = patch_target(model)
+    handle = get_handle(target)
     if handle is None:
         raise NotPatchedError("This model is not patched by hf_posenc; nothing to unpatch.")
     handle.undo()
-    del model.__dict__[_HANDLE_ATTR]
+    del target.__dict__[_HANDLE_ATTR]
 
 
 @contextlib.contextmanager
@@ -121,101 +188,3 @@ def patched(model: nn.Module, scheme: str | SchemeConfig, **params: Any) -> Iter
     finally:
         if get_handle(model) is handle:
             unpatch(model)
-
-
-def from_pretrained(
-    path_or_hub_id: str,
-    *,
-    scheme: str | SchemeConfig | None = None,
-    scheme_params: dict[str, Any] | None = None,
-    model_class: Any = None,
-    **hf_kwargs: Any,
-) -> nn.Module:
-    """Load a checkpoint saved after :func:`patch` and re-apply its recorded scheme.
-
-    The base model is rebuilt from the config as it was before patching, then patched, so
-    :func:`unpatch` on the result gives the original model. For a checkpoint without a record, pass
-    ``scheme`` (and ``scheme_params``) to patch it on load. ``attn_implementation`` goes to the patch
-    (default: the backend recorded at patch time), so every backend the patch can host is available
-    whatever the family accepts at load time. Other ``hf_kwargs`` go to transformers'
-    ``from_pretrained`` (``dtype``, ``revision``, ...).
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config_kwargs = {k: hf_kwargs[k] for k in _CONFIG_KWARGS if k in hf_kwargs}
-    config = hf_kwargs.pop("config", None) or AutoConfig.from_pretrained(path_or_hub_id, **config_kwargs)
-    record = getattr(config, CONFIG_KEY, None)
-    if record is not None and scheme is not None:
-        raise InvalidParameterError(
-            f"{path_or_hub_id} already records scheme {record['spec']['scheme']!r}; do not pass scheme=."
-        )
-    if record is None and scheme is None:
-        raise NotPatchedError(
-            f"{path_or_hub_id} has no '{CONFIG_KEY}' record in its config (it was not saved after "
-            "hf_posenc.patch). Pass scheme=... to patch it on load, or use transformers directly."
-        )
-    backend = hf_kwargs.pop("attn_implementation", None)
-    if record is not None:
-        backend = backend or record.get("attn_implementation")
-        for key, value in record.get("original_config", {}).items():
-            if value == _ABSENT:
-                config.__dict__.pop(key, None)
-            else:
-                setattr(config, key, value)
-        delattr(config, CONFIG_KEY)
-        spec: str | SchemeConfig = SchemeConfig.from_dict(record["spec"])
-        params: dict[str, Any] = {}
-    else:
-        spec, params = scheme, dict(scheme_params or {})
-    owned = list(record.get("owned_keys", [])) if record is not None else []
-    if owned:  # e.g. a resized learned table: its saved shape differs from the base model's
-        hf_kwargs.setdefault("ignore_mismatched_sizes", True)
-    loader = model_class or AutoModelForCausalLM
-    if owned:  # the patch's own tensors are expected to be "unexpected" to the base model: load them below
-        from transformers.utils import logging as hf_logging
-
-        level = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        try:
-            model = loader.from_pretrained(path_or_hub_id, config=config, **hf_kwargs)
-        finally:
-            hf_logging.set_verbosity(level)
-    else:
-        model = loader.from_pretrained(path_or_hub_id, config=config, **hf_kwargs)
-    handle = patch(model, spec, attn_implementation=backend, **params)
-    if owned:
-        load_owned_tensors(model, path_or_hub_id, owned, config_kwargs)
-        for callback in handle.after_load:
-            callback()
-    return model
-
-
-def load_owned_tensors(model: nn.Module, path_or_hub_id: str, keys: list[str], hub_kwargs: dict[str, Any]) -> None:
-    """Copy the tensors a patch created (``keys``) from the checkpoint's safetensors files."""
-    import json
-
-    from safetensors import safe_open
-    from transformers.utils import cached_file
-
-    index = cached_file(
-        path_or_hub_id, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs
-    )
-    if index is not None:
-        with open(index) as fh:
-            weight_map = json.load(fh)["weight_map"]
-        files = {key: weight_map[key] for key in keys if key in weight_map}
-    else:
-        files = dict.fromkeys(keys, "model.safetensors")
-    missing = sorted(set(keys) - set(files))
-    state = model.state_dict()
-    for filename in sorted(set(files.values())):
-        with safe_open(cached_file(path_or_hub_id, filename, **hub_kwargs), framework="pt") as fh:
-            present = set(fh.keys())
-            for key in (k for k, f in files.items() if f == filename):
-                if key not in present:
-                    missing.append(key)
-                    continue
-                with torch.no_grad():
-                    state[key].copy_(fh.get_tensor(key))
-    if missing:
-        raise NotPatchedError(f"{path_or_hub_id} lacks tensors its hf_posenc patch created: {', '.join(missing)}.")

@@ -44,8 +44,20 @@ class HookPointMissingError(PosencError, RuntimeError):
     """The module or attribute an adapter patches is absent: the installed transformers changed."""
 
 
+class InvalidRecordError(PosencError, ValueError):
+    """A checkpoint's ``posenc`` record is malformed, from a newer release, or does not match its weights."""
+
+
+class CheckpointNotFoundError(PosencError, FileNotFoundError):
+    """A local checkpoint path does not exist or is not a saved model folder."""
+
+
 class CacheRefreshError(PosencError, RuntimeError):
     """A length-dependent scheme must re-encode the cache but has no record of its tokens."""
+
+
+class PosencWarning(UserWarning):
+    """A patched model will behave differently somewhere the user may not expect (e.g. plain loading)."""
 
 
 def did_you_mean(name: str, valid: Iterable[str]) -> str:
@@ -54,3 +66,7 @@ def did_you_mean(name: str, valid: Iterable[str]) -> str:
     close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     return f"{hint} Valid: {', '.join(valid)}."
+
+
+class SourceNotFoundError(PosencError, FileNotFoundError):
+    """A model folder, text file or data source the user named does not exist or lacks what it needs."""
