@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -36,7 +37,13 @@ def test_save_and_reload(tmp_path, scheme, params, native):
     base = logits(model, x)
     hf_posenc.patch(model, scheme, **params)
     expected = logits(model, x)
-    model.save_pretrained(tmp_path)
+    if native:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", hf_posenc.PosencWarning)
+            model.save_pretrained(tmp_path)
+    else:  # saving says that plain transformers would load another model
+        with pytest.warns(hf_posenc.PosencWarning, match="only with hf_posenc.from_pretrained"):
+            model.save_pretrained(tmp_path)
     assert not list(tmp_path.glob("*.bin")) and list(tmp_path.glob("*.safetensors"))
     record = json.loads((tmp_path / "config.json").read_text())["posenc"]
     assert record["spec"]["scheme"] == scheme
