@@ -83,7 +83,7 @@ def test_decoding_from_a_cache_the_model_created(arch, scheme, params):
 def test_static_cache_with_exact_refresh_is_refused_clearly():
     model = patched("llama", "dynamic_ntk", DYNAMIC)
     cache = StaticCache(config=model.config, max_cache_len=128)
-    with pytest.raises(hf_posenc.CacheRefreshError, match="needs a dynamic KV cache.*refresh='none'"):
+    with pytest.raises(hf_posenc.CacheRefreshError, match=r"needs a dynamic KV cache.*refresh='none'"):
         model(tokens(1, 8), use_cache=True, **cache_kwargs(model, cache))
     hf_posenc.unpatch(model)
     hf_posenc.patch(model, "dynamic_ntk", refresh="none", **DYNAMIC)  # the documented alternative runs
@@ -310,7 +310,7 @@ def test_malformed_and_future_records_are_clear_errors(tmp_path):
         hf_posenc.from_pretrained(str(tmp_path))
     patched("llama", "yarn", {"factor": 2.0}).save_pretrained(tmp_path)
     _edit_record(tmp_path, format=99, library_version="9.0.0")
-    with pytest.raises(hf_posenc.InvalidRecordError, match="format 99.*Upgrade hf_posenc"):
+    with pytest.raises(hf_posenc.InvalidRecordError, match=r"format 99.*Upgrade hf_posenc"):
         hf_posenc.from_pretrained(str(tmp_path))
     patched("llama", "yarn", {"factor": 2.0}).save_pretrained(tmp_path)
     _edit_record(tmp_path, architecture="gpt2")
@@ -356,7 +356,7 @@ def test_owned_tensor_of_the_wrong_shape_is_a_clear_error(tmp_path):
 def test_bad_local_paths_are_named(tmp_path):
     with pytest.raises(hf_posenc.CheckpointNotFoundError, match="No such folder"):
         hf_posenc.from_pretrained(str(tmp_path / "missing"))
-    with pytest.raises(hf_posenc.CheckpointNotFoundError, match="has no config.json"):
+    with pytest.raises(hf_posenc.CheckpointNotFoundError, match=r"has no config\.json"):
         hf_posenc.from_pretrained(str(tmp_path))
 
 
@@ -380,3 +380,11 @@ def test_generate_after_deepcopy_with_exact_refresh():
         c = twin.generate(x, use_cache=False, **kwargs)
     assert torch.equal(a, b) and torch.equal(b, c)
     assert isinstance(DynamicCache(), DynamicCache)
+
+
+def test_bloom_assumed_context_is_stated_and_overridable():
+    model = tiny_model("bloom")
+    assert hf_posenc.patch(model, "yarn", factor=2.0).scheme.original_max_position_embeddings == 2048
+    handle = hf_posenc.patch(model, "yarn", factor=2.0, original_max_position_embeddings=512, replace=True)
+    assert handle.scheme.original_max_position_embeddings == 512
+    assert model.config.posenc["spec"]["original_max_position_embeddings"] == 512

@@ -96,6 +96,10 @@ class StateAsAlibi:
         return state
 
 
+#: the context BLOOM was trained with, assumed where its config has no seq_length
+BLOOM_CONTEXT = 2048
+
+
 @register_architecture
 class BloomAdapter(ArchitectureAdapter):
     name: ClassVar[str] = "bloom"
@@ -109,7 +113,9 @@ class BloomAdapter(ArchitectureAdapter):
         return isinstance(scheme, AlibiConfig) and scheme.slope_scale == 1.0  # BLOOM's own ALiBi
 
     def model_info(self, model: nn.Module) -> ModelInfo:
-        return positional_family_info(model.config, getattr(model.config, "seq_length", None) or 2048)
+        # BLOOM's config records no context length: assume its training context (2,048 tokens) unless the
+        # config has seq_length; schemes override it with original_max_position_embeddings= / max_positions=.
+        return positional_family_info(model.config, getattr(model.config, "seq_length", None) or BLOOM_CONTEXT)
 
     def install(
         self, model: nn.Module, scheme: SchemeConfig, handle: PatchHandle, attn_implementation: str | None = None
