@@ -1,11 +1,14 @@
-"""``hf-posenc``: list what is supported, patch and save a checkpoint, run the demo."""
+"""``hf-posenc``: list what is supported, patch and save a checkpoint, evaluate, fine-tune, run the demo."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from . import list_architectures, list_schemes
+from .api import get_handle
+from .errors import CheckpointNotFoundError, InvalidParameterError, PosencError
 
 
 def _ls(_: argparse.Namespace) -> int:
@@ -19,67 +22,187 @@ def _ls(_: argparse.Namespace) -> int:
 
 
 def _patch(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .api import patch
+    from .api import make_scheme, patch
     from .specs import parse_scheme_spec
 
     parsed = parse_scheme_spec(args.scheme)
     if parsed is None:
-        raise SystemExit("hf-posenc patch needs a scheme, e.g. yarn:factor=4")
-    model = AutoModelForCausalLM.from_pretrained(args.model)
+        raise InvalidParameterError(
+            f"hf-posenc patch needs a scheme, e.g. yarn:factor=4 ({args.scheme!r} would save the model unchanged)."
+        )
+    make_scheme(parsed[0], **parsed[1])  # an unknown scheme or parameter fails before the model loads
+    out = _output_folder(args.out, args.model)
+    name, model, tokenizer = _load_for_patch(args.model)
     handle = patch(model, parsed[0], **parsed[1])
-    model.save_pretrained(args.out)
-    try:
-        AutoTokenizer.from_pretrained(args.model).save_pretrained(args.out)
-    except (OSError, ValueError):
+    config_file = out / "config.json"
+    before = config_file.stat().st_mtime_ns if config_file.is_file() else None
+    model.save_pretrained(out)
+    if not config_file.is_file() or config_file.stat().st_mtime_ns == before:
+        raise PosencError(f"Saving to {out} wrote no config.json: nothing was saved.")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    else:
         print("note: no tokenizer found next to the model; saved the model only", file=sys.stderr)
-    print(
-        f"saved {args.model} patched with {handle.scheme.name} to {args.out}; load it with hf_posenc.from_pretrained()"
-    )
+    print(f"saved {name} patched with {handle.scheme.name} to {out}; load it with hf_posenc.from_pretrained()")
     return 0
 
 
+def _output_folder(out: str, model_name: str) -> Path:
+    """``--out`` of ``patch``: a new or empty folder, or a saved model folder to overwrite."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise InvalidParameterError(f"--out {out} is an existing file; give a folder (created if missing).")
+    source = Path(model_name).expanduser()
+    if source.exists() and path.exists() and path.resolve() == source.resolve():
+        raise InvalidParameterError(f"--out {out} is the model being patched; give another folder.")
+    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").is_file():
+        raise InvalidParameterError(
+            f"--out {out} is a folder that holds other files and no saved model; give a new or empty folder "
+            "(or a previous output, which is overwritten)."
+        )
+    return path
+
+
+def _load_for_patch(model_name: str):
+    """(name, model in float32 on CPU, tokenizer or None) for ``patch``; refuses a checkpoint that is
+    already patched, whose plain load would drop its saved scheme."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .record import read_record
+    from .tiny import TINY_PREFIX, char_tokenizer, tiny_model
+
+    if model_name.startswith(TINY_PREFIX):
+        return model_name, tiny_model(_tiny_family(model_name)), char_tokenizer()
+    path = _model_path(model_name)
+    record = read_record(_load_config(path), source=path)
+    if record is not None:
+        raise InvalidParameterError(
+            f"{model_name} is already patched ({record.label}); patch the base checkpoint it was made from, "
+            "or load it with hf_posenc.from_pretrained and call hf_posenc.patch(..., replace=True)."
+        )
+    model = AutoModelForCausalLM.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model_name, model, tokenizer
+
+
+#: optional packages -> the extra that installs them (patching itself needs none of them)
+OPTIONAL_PACKAGES = {
+    "peft": "train",
+    "accelerate": "train",
+    "datasets": "eval",
+    "matplotlib": "eval",
+    "lm_eval": "lm-eval",
+    "gguf": "demo",
+}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEBUG_HELP = "errors you can fix print one line (hf-posenc: error: ...); --debug shows the full traceback instead"
 
 
-def _load(model_name: str, device: str = "auto", dtype: str = "auto"):
-    """The model (transformers' default backend: sdpa where the family has it) on ``device`` in ``dtype``;
-    ``auto``: CUDA in bfloat16 when available, else CPU in float32."""
+def _tiny_family(model_name: str) -> str:
+    from .tiny import TINY_FAMILIES, TINY_PREFIX
+
+    family = model_name[len(TINY_PREFIX) :]
+    if family not in TINY_FAMILIES:
+        raise InvalidParameterError(
+            f"Unknown tiny model {model_name!r}; choose tiny:<model_type> with one of {', '.join(TINY_FAMILIES)}."
+        )
+    return family
+
+
+def _model_path(model_name: str) -> str:
+    """The folder or hub id to load: ``smollm2`` is the packaged model; a name that looks like a local
+    path (starts with ``.``, ``/`` or ``~``, or exists) must be a folder holding a ``config.json``."""
+    from .loading import check_local_path
+
+    if model_name == "smollm2":
+        from .real_model import smollm2_path
+
+        return str(smollm2_path())
+    path = Path(model_name).expanduser()
+    if path.is_dir() and not (path / "config.json").exists() and (path / "adapter_config.json").exists():
+        raise CheckpointNotFoundError(
+            f"{model_name} has no config.json: it holds a LoRA adapter (an hf-posenc finetune output with "
+            "save_merged: false). Load it in Python with hf_posenc.train.load_adapter_output, or fine-tune "
+            "with save_merged: true."
+        )
+    check_local_path(model_name)  # "no such folder" / "no config.json", not the hub's "bad repo id"
+    return str(path) if path.exists() else model_name
+
+
+def _load_config(path: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except OSError as exc:  # an unknown hub id, no network, a broken config.json
+        raise CheckpointNotFoundError(f"Cannot load {path!r}: {' '.join(str(exc).split())}") from exc
+
+
+def _load(model_name: str, device: str = "auto", dtype: str = "auto", attn: str | None = None):
+    """``(name, model, tokenizer)``: the model on ``device`` in ``dtype`` (``auto``: CUDA in bfloat16 when
+    available, else CPU in float32). A checkpoint saved patched (its config holds an hf_posenc record)
+    loads through :func:`hf_posenc.from_pretrained`, so it runs with its saved scheme (``attn``: the
+    backend for it); any other with transformers' default backend (sdpa where the family has it).
+    ``tiny:<model_type>`` builds a tiny random model with a character tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .real_model import smollm2_path
+    from .loading import from_pretrained
+    from .record import read_record
+    from .tiny import TINY_PREFIX, char_tokenizer, tiny_model
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    path = str(smollm2_path()) if model_name == "smollm2" else model_name
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
-    return path, model, tokenizer
+    torch_dtype = getattr(torch, dtype)
+    if model_name.startswith(TINY_PREFIX):
+        family = _tiny_family(model_name)
+        model = tiny_model(family, attn="eager" if family == "bloom" else "sdpa")  # BLOOM has no sdpa of its own
+        return model_name, model.to(device=device, dtype=torch_dtype).eval(), char_tokenizer()
+    path = _model_path(model_name)
+    record = read_record(_load_config(path), source=path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise CheckpointNotFoundError(
+            f"No tokenizer loads from {path} ({' '.join(str(exc).split())}); save the model's tokenizer beside "
+            "it (tokenizer.save_pretrained)."
+        ) from exc
+    if record is not None:
+        backend = {"attn_implementation": attn} if attn else {}
+        model = from_pretrained(path, dtype=torch_dtype, **backend)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    return path, model.to(device).eval(), tokenizer
 
 
 def _run(model_name: str, spec, out: str, threads: int | None, plots: bool, device="auto", dtype="auto") -> int:
-    from pathlib import Path
-
     import torch
 
     from .eval import markdown_report, plot_results, run_eval, write_json
 
-    if threads:
+    if threads is not None:
+        if threads < 1:
+            raise InvalidParameterError(f"--threads must be >= 1, got {threads}.")
         torch.set_num_threads(threads)
-    path, model, tokenizer = _load(model_name, device, dtype)
+    out_dir = Path(out).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InvalidParameterError(f"--out {out} is an existing file; give a folder for the results.")
+    path, model, tokenizer = _load(model_name, device, dtype, spec.attn_implementation)
+    handle = get_handle(model)
+    saved = f"; saved scheme: {_saved_label(model)}" if handle is not None else ""
     print(
         f"model: {path} (trained context {getattr(model.config, 'max_position_embeddings', '?')}; "
-        f"{model.device}, {str(model.dtype).replace('torch.', '')}, {model.config._attn_implementation}); "
+        f"{model.device}, {str(model.dtype).replace('torch.', '')}, {model.config._attn_implementation}{saved}); "
         f"text: {spec.data}; schemes: {', '.join(spec.schemes)}; tasks: {', '.join(spec.tasks)}"
     )
     output = run_eval(model, tokenizer, spec)
     output["model"] = path
     report = markdown_report(output)
-    out_dir = Path(out)
     write_json(output, out_dir / "results.json")
     (out_dir / "report.md").write_text(report)
     written = plot_results(output, out_dir) if plots else []
@@ -89,8 +212,19 @@ def _run(model_name: str, spec, out: str, threads: int | None, plots: bool, devi
     return 0
 
 
+def _saved_label(model) -> str:
+    from .record import read_record
+
+    record = read_record(model.config)
+    return record.label if record is not None else get_handle(model).scheme.name
+
+
 def _csv(kind):
-    return lambda text: [kind(v) for v in text.split(",") if v.strip()]
+    def parse(text: str) -> list:
+        return [kind(v) for v in text.split(",") if v.strip()]
+
+    parse.__name__ = f"comma-separated {kind.__name__}"  # argparse names the type in its error
+    return parse
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -116,8 +250,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import PRESETS
 
-    preset = PRESETS["full" if args.full else "quick"]
-    return _run(args.model, preset, args.out, args.threads, True, args.device, args.dtype)
+    return _run(args.model, PRESETS[args.preset], args.out, args.threads, True, args.device, args.dtype)
 
 
 def _add_device_args(parser: argparse.ArgumentParser) -> None:
@@ -132,18 +265,28 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-posenc", description=__doc__)
+    parser = argparse.ArgumentParser(prog="hf-posenc", description=__doc__, epilog=DEBUG_HELP)
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    # --debug is also accepted after the command; SUPPRESS keeps the subparser from resetting it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("ls", help="list schemes and architectures").set_defaults(func=_ls)
+    sub.add_parser("ls", parents=[common], help="list schemes and architectures").set_defaults(func=_ls)
 
-    p = sub.add_parser("patch", help="patch a checkpoint and save it (reload with hf_posenc.from_pretrained)")
-    p.add_argument("model", help="local folder or hub id")
+    p = sub.add_parser(
+        "patch", parents=[common], help="patch a checkpoint and save it (reload with hf_posenc.from_pretrained)"
+    )
+    p.add_argument("model", help="local folder, hub id, 'smollm2', or tiny:<model_type>")
     p.add_argument("scheme", help="scheme spec, e.g. yarn:factor=4 or linear:factor=2")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder: new, empty, or a previous output (overwritten)")
     p.set_defaults(func=_patch)
 
-    e = sub.add_parser("eval", help="perplexity vs length, passkey, needle: schemes side by side")
-    e.add_argument("model", help="HF folder or hub id, or 'smollm2' for the packaged SmolLM2-135M")
+    e = sub.add_parser("eval", parents=[common], help="perplexity vs length, passkey, needle: schemes side by side")
+    e.add_argument(
+        "model",
+        help="HF folder or hub id (a checkpoint saved patched runs with its saved scheme: evaluate it with "
+        "--schemes none), 'smollm2' for the packaged SmolLM2-135M, or tiny:<model_type> (random tiny model)",
+    )
     e.add_argument(
         "--schemes",
         type=lambda t: t.split(","),
@@ -172,16 +315,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_args(e)
     e.set_defaults(func=_eval)
 
-    f = sub.add_parser("finetune", help="fine-tune for longer context from a recipe YAML (+ key=value overrides)")
-    f.add_argument("config", help="recipe YAML, e.g. recipes/configs/tiny/llama_yarn4_lora.yaml")
+    f = sub.add_parser(
+        "finetune", parents=[common], help="fine-tune for longer context from a recipe YAML (+ key=value overrides)"
+    )
+    f.add_argument("config", help="recipe YAML, e.g. recipes/configs/llama/tiny_yarn4_lora.yaml")
     f.add_argument("overrides", nargs="*", help="key=value overrides of recipe keys")
     f.set_defaults(func=_finetune)
 
-    d = sub.add_parser("demo", help="SmolLM2-135M on the embedded corpus: schemes side by side")
+    d = sub.add_parser("demo", parents=[common], help="SmolLM2-135M on the embedded corpus: schemes side by side")
     d.add_argument("--model", default="smollm2", help="HF folder or hub id (default: the packaged SmolLM2-135M)")
     mode = d.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="default: 3 schemes, 2k/4k, passkey at 4k (minutes)")
-    mode.add_argument("--full", action="store_true", help="4 schemes, 2k-16k, passkey and needle (tens of minutes)")
+    mode.add_argument(
+        "--quick",
+        dest="preset",
+        action="store_const",
+        const="quick",
+        help="the default: 3 schemes, 2k/4k, passkey at 4k (minutes)",
+    )
+    mode.add_argument(
+        "--full",
+        dest="preset",
+        action="store_const",
+        const="full",
+        help="4 schemes, 2k-16k, passkey and needle (tens of minutes)",
+    )
+    d.set_defaults(preset="quick")
     d.add_argument("--out", default="out/demo", help="folder for results.json, report.md and plots")
     d.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     _add_device_args(d)
@@ -189,9 +347,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: what a user can cause and fix: reported in one line (``--debug`` shows the traceback)
+USER_ERRORS = (PosencError, FileNotFoundError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        if args.debug:
+            raise
+        print(f"hf-posenc: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        extra = OPTIONAL_PACKAGES.get((exc.name or "").split(".")[0])
+        if extra is None or args.debug:
+            raise
+        print(f"hf-posenc: error: {args.command} needs {exc.name}: pip install 'hf_posenc[{extra}]'", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ import lzma
 import re
 from importlib import resources
 
+from .errors import InvalidParameterError
+
 _REFERENCE = re.compile(r"^(?P<book>[1-3]?[A-Za-z]+)(?P<chapter>\d+):(?P<verse>\d+) (?P<text>.*)$")
 CORPORA = ("kjv",)
 
@@ -15,7 +17,7 @@ CORPORA = ("kjv",)
 def load_documents(name: str = "kjv") -> tuple[str, ...]:
     """The corpus as documents (one per book of the KJV), verse references stripped."""
     if name not in CORPORA:
-        raise ValueError(f"Unknown embedded corpus {name!r}; available: {', '.join(CORPORA)}.")
+        raise InvalidParameterError(f"Unknown embedded corpus {name!r}; available: {', '.join(CORPORA)}.")
     raw = lzma.decompress(resources.files("hf_posenc.data").joinpath(f"{name}.txt.xz").read_bytes())
     books: dict[str, list[str]] = {}
     for line in raw.decode("utf-8").splitlines():

@@ -69,4 +69,4 @@ def did_you_mean(name: str, valid: Iterable[str]) -> str:
 
 
 class SourceNotFoundError(PosencError, FileNotFoundError):
-    """A model folder, text file or data source the user named does not exist or lacks what it needs."""
+    """A text source the user named (a ``.txt`` file or a folder of them) does not exist or holds no text."""

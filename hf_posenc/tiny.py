@@ -1,12 +1,15 @@
 """Tiny models and a character tokenizer built in code: for tests, CPU recipes and experiments.
 
-``tiny:<model_type>`` anywhere a model name is accepted (recipes, ``hf-posenc eval``) builds one of
-these: a 2-layer, 64-wide model of that family with random weights and a 97-symbol ASCII vocabulary.
+``tiny:<model_type>`` anywhere a model name is accepted (recipes, ``hf-posenc eval``, ``hf-posenc patch``)
+builds one of these: a 2-layer, 64-wide model of that family (context 64) with random weights (seed 0)
+and a 97-symbol ASCII vocabulary.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from .errors import InvalidParameterError
 
 TINY_PREFIX = "tiny:"
 CHAR_VOCAB = 97  # <unk>, <eos> and printable ASCII
@@ -31,7 +34,7 @@ def tiny_config(model_type: str = "llama", *, context: int = 64, width: int = 64
     from transformers import AutoConfig
 
     if model_type not in TINY_FAMILIES:
-        raise ValueError(f"No tiny config for {model_type!r}; choose from {', '.join(TINY_FAMILIES)}.")
+        raise InvalidParameterError(f"No tiny config for {model_type!r}; choose from {', '.join(TINY_FAMILIES)}.")
     heads = max(1, width // 16)
     if model_type == "gpt2":
         params = dict(n_embd=width, n_layer=layers, n_head=heads, n_positions=context, bos_token_id=1, eos_token_id=1)

@@ -123,7 +123,7 @@ def oracle(prompt: str) -> str:
 def test_retrieval_accuracy_with_oracle_and_wrong_answers(task):
     tok = char_tokenizer()
     text = " ".join(load_texts("kjv")[:2])
-    kw = dict(lengths=[300, 500], depths=[0.0, 0.5, 1.0], trials=2, haystack_text=text)
+    kw = dict(lengths=[500, 700], depths=[0.0, 0.5, 1.0], trials=2, haystack_text=text)
     right = run_retrieval(task, None, tok, answer_fn=oracle, **kw)
     wrong = run_retrieval(task, None, tok, answer_fn=lambda p: " 0", **kw)
     assert right.accuracy == [[1.0] * 3] * 2 and right.mean == 1.0
@@ -136,7 +136,7 @@ def test_run_eval_end_to_end_with_report_and_plots(tmp_path):
         schemes=["none", "yarn:factor=2"],
         tasks=["ppl", "passkey", "needle"],
         lengths=[64, 128],
-        retrieval_lengths=[150],
+        retrieval_lengths=[300],
         depths=[0.5],
         max_windows=2,
         max_new_tokens=4,
@@ -239,3 +239,85 @@ def test_cli_eval_on_bloom_with_a_backend_bloom_lacks(tmp_path, capsys):
     assert results["none"]["ppl"][0]["ppl"] == pytest.approx(results["alibi"]["ppl"][0]["ppl"], rel=1e-5)
     assert results["alibi"]["attn_implementation"] == "hf_posenc_sdpa"
     assert results["none"]["attn_implementation"] == "eager"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+        ({"max_windows": 0}, "max_windows must be an integer >= 1"),
+        ({"trials": 0}, "trials must be an integer >= 1"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1"),
+        ({"lengths": []}, "lengths is empty"),
+        ({"lengths": [64, 1]}, r"lengths must be integers >= 2 tokens, got \[1\]"),
+        ({"retrieval_lengths": []}, "retrieval_lengths is empty"),
+        ({"stride": 0}, "stride must be between 1 and the shortest length"),
+        ({"lengths": [64, 128], "stride": 100}, r"shortest length \(64\)"),
+        ({"depths": []}, "depths is empty"),
+        ({"tasks": []}, "No task given"),
+        ({"schemes": []}, "No scheme given"),
+        ({"schemes": ["none", "yarn:factor=2", "yarn:factor=2"]}, "listed twice: yarn:factor=2"),
+        ({"schemes": ["yarn:factr=2"]}, "factr"),
+    ],
+)
+def test_eval_spec_rejects_what_would_fail_later(kwargs, message):
+    """Each of these used to pass the spec and fail mid-run (ZeroDivisionError, range() step 0, an
+    empty table) or silently evaluate nothing."""
+    import hf_posenc
+
+    with pytest.raises(hf_posenc.InvalidParameterError, match=message):
+        EvalSpec(**kwargs)
+
+
+def test_eval_functions_raise_parameter_errors():
+    import hf_posenc
+
+    model = tiny_model("llama")
+    ids = tokens(1, 200)[0]
+    for call, message in [
+        (lambda: window_spans(10, 1), "length must be >= 2"),
+        (lambda: window_spans(10, 4, stride=0), "stride must be in"),
+        (lambda: window_spans(10, 4, max_windows=0), "max_windows must be >= 1"),
+        (lambda: evaluate_perplexity(model, ids, 40, batch_size=0), "batch_size"),
+        (lambda: evaluate_perplexity(model, ids[:10], 40), "too few for one window of 40"),
+        (lambda: run_retrieval("passkey", None, char_tokenizer(), [800], [0.5], trials=0), "trials must be >= 1"),
+        (lambda: run_retrieval("passkey", None, char_tokenizer(), [800], []), "at least one length and one depth"),
+        (lambda: make_probe("needle", char_tokenizer(), 800, 0.5, seed=0), "needs a real-text haystack"),
+        (lambda: load_texts("hf:only-a-name"), "Expected hf:NAME"),
+    ]:
+        with pytest.raises(hf_posenc.InvalidParameterError, match=message):
+            call()
+
+
+@pytest.mark.parametrize("task", ["passkey", "needle", "multikey"])
+def test_retrieval_lengths_shorter_than_the_prompt_are_refused(task):
+    """The instructions, question and needle(s) alone exceed the length: say the minimum instead of
+    silently building a prompt longer than asked."""
+    import hf_posenc
+
+    tok = char_tokenizer()
+    text = " ".join(load_texts("kjv")[:2])
+    with pytest.raises(hf_posenc.InvalidParameterError, match=r"at least (\d+) tokens") as info:
+        make_probe(task, tok, 120, 0.5, seed=0, haystack_text=text)
+    minimum = int(re.search(r"at least (\d+) tokens", str(info.value)).group(1))
+    assert make_probe(task, tok, minimum, 0.5, seed=0, haystack_text=text).n_tokens <= minimum
+    logged = []
+    spec = EvalSpec(tasks=["ppl", task], lengths=[64], retrieval_lengths=[120, 2000], depths=[0.5])
+    with pytest.raises(hf_posenc.InvalidParameterError, match="at least"):
+        run_eval(tiny_model("llama"), tok, spec, progress=False, log=logged.append)
+    assert logged == []  # refused before the first scheme ran
+
+
+def test_binary_text_sources_are_named(tmp_path):
+    import hf_posenc
+
+    (tmp_path / "good.txt").write_text("fine")
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(hf_posenc.InvalidParameterError, match=r"bad\.txt is not UTF-8"):
+        load_texts(str(tmp_path))
+    with pytest.raises(hf_posenc.InvalidParameterError, match=r"bad\.txt is not UTF-8"):
+        load_texts(str(tmp_path / "bad.txt"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"No \.txt files") as info:  # still a FileNotFoundError
+        load_texts(str(tmp_path / "empty"))
+    assert isinstance(info.value, hf_posenc.PosencError)  # and reported in one line by the CLI

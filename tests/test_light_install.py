@@ -40,3 +40,17 @@ def test_patching_needs_no_training_or_evaluation_dependency():
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("ok")
+
+
+def test_cli_names_the_extra_a_command_needs(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["matplotlib"] = None  # plots need the eval extra
+        from hf_posenc.cli import main
+        sys.exit(main(["eval", "tiny:llama", "--lengths", "32", "--out", {str(tmp_path)!r}]))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "pip install 'hf_posenc[eval]'" in proc.stderr and "Traceback" not in proc.stderr

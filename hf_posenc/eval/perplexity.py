@@ -7,12 +7,15 @@ causal LMs whose head is a plain projection (LLaMA, GPT-2 and BLOOM families); s
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..errors import InvalidParameterError
 
 
 def _decoder(model: nn.Module) -> nn.Module:
@@ -29,16 +32,32 @@ def token_nll(
     attention_mask: torch.Tensor | None = None,
     chunk_size: int = 1024,
 ) -> torch.Tensor:
-    """NLL (nats) of tokens ``1..L-1`` of each row given their prefix: shape ``(B, L-1)``, fp32."""
+    """NLL (nats) of tokens ``1..L-1`` of each row given their prefix: shape ``(B, L-1)``, fp32.
+
+    With an ``attention_mask`` (1 = token, 0 = padding, left or right), a position is scored only when
+    both the token and the one predicting it are real; the others are NaN. Real tokens get the
+    positions they would have unpadded (counted from the row's first real token), as in ``generate``.
+    """
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
-        raise ValueError(f"input_ids must be (batch, length >= 2), got {tuple(input_ids.shape)}.")
+        raise InvalidParameterError(f"input_ids must be (batch, length >= 2), got {tuple(input_ids.shape)}.")
+    if chunk_size < 1:
+        raise InvalidParameterError(f"chunk_size must be >= 1, got {chunk_size}.")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise InvalidParameterError(
+            f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+            f"got {tuple(attention_mask.shape)}."
+        )
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
-    hidden = _decoder(model)(
-        input_ids=input_ids,
-        attention_mask=None if attention_mask is None else attention_mask.to(device),
-        use_cache=False,
-    ).last_hidden_state
+    decoder = _decoder(model)
+    kwargs: dict = {}
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device)
+        kwargs["attention_mask"] = attention_mask
+        if _accepts(decoder, "position_ids"):  # BLOOM's ALiBi reads the mask itself
+            position_ids = attention_mask.long().cumsum(-1) - 1
+            kwargs["position_ids"] = position_ids.masked_fill(attention_mask == 0, 1)
+    hidden = decoder(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
     head = model.get_output_embeddings()
     targets = input_ids[:, 1:]
     out = torch.empty(targets.shape, dtype=torch.float32, device=device)
@@ -47,12 +66,30 @@ def token_nll(
         logits = head(hidden[:, start:stop]).float()
         flat = F.cross_entropy(logits.flatten(0, 1), targets[:, start:stop].flatten(), reduction="none")
         out[:, start:stop] = flat.view(logits.shape[0], -1)
+    if attention_mask is not None:
+        scored = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+        out = out.masked_fill(~scored, math.nan)
     return out
 
 
+def _accepts(module: nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def perplexity(model: nn.Module, input_ids: torch.Tensor, **kwargs) -> float:
-    """``exp`` of the mean token NLL over every predicted token of every row."""
-    return math.exp(token_nll(model, input_ids, **kwargs).mean().item())
+    """``exp`` of the mean token NLL over every predicted token of every row (with an ``attention_mask``:
+    every real token predicted from a real one; padding is never scored)."""
+    nll = token_nll(model, input_ids, **kwargs)
+    mask = kwargs.get("attention_mask")
+    if mask is not None:  # not nll.isnan(): a NaN the model produced must show, not vanish
+        nll = nll[(mask[:, 1:].bool() & mask[:, :-1].bool()).to(nll.device)]
+    scored = nll.flatten()
+    if scored.numel() == 0:
+        raise InvalidParameterError("No token to score: every row has fewer than 2 real tokens.")
+    return math.exp(scored.double().mean().item())
 
 
 @dataclass(frozen=True)
@@ -75,10 +112,15 @@ def window_spans(n_tokens: int, length: int, stride: int | None = None, max_wind
     with at least ``length - stride`` tokens of context. Only full windows are used.
     """
     if length < 2:
-        raise ValueError(f"window length must be >= 2, got {length}.")
+        raise InvalidParameterError(f"window length must be >= 2 tokens, got {length}.")
     stride = length if stride is None else stride
     if not 0 < stride <= length:
-        raise ValueError(f"stride must be in (0, length], got stride={stride}, length={length}.")
+        raise InvalidParameterError(
+            f"stride must be in [1, length], got stride={stride} for length {length} "
+            "(omit it for non-overlapping windows)."
+        )
+    if max_windows is not None and max_windows < 1:
+        raise InvalidParameterError(f"max_windows must be >= 1 (or None for all), got {max_windows}.")
     windows: list[Window] = []
     scored_until = 1  # token 0 has no context
     start = 0
@@ -125,10 +167,17 @@ def evaluate_perplexity(
     """
     from tqdm.auto import tqdm
 
+    if batch_size < 1 or buckets < 1 or chunk_size < 1:
+        raise InvalidParameterError(
+            f"batch_size, buckets and chunk_size must be >= 1, got {batch_size}, {buckets}, {chunk_size}."
+        )
     tokens = torch.as_tensor(token_ids, dtype=torch.long)
     spans = window_spans(tokens.numel(), length, stride, max_windows)
     if not spans:
-        raise ValueError(f"The text has {tokens.numel()} tokens: too few for one window of {length}.")
+        raise InvalidParameterError(
+            f"The text has {tokens.numel()} tokens: too few for one window of {length}. "
+            "Use a longer text or shorter lengths."
+        )
     bucket_size = max(1, -(-length // buckets))
     sums = torch.zeros(-(-length // bucket_size), dtype=torch.float64)
     counts = torch.zeros_like(sums)

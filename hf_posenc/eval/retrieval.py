@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from ..errors import InvalidParameterError
+
 PASSKEY_INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
     "I will quiz you about the important information there."
@@ -71,14 +73,26 @@ def build_prompt(
     needles: Sequence[tuple[float, str]],
     intro: str,
     question: str,
+    *,
+    task: str = "retrieval",
 ) -> tuple[str, int]:
     """Fill ``intro + haystack sentences + question`` up to ``target_tokens`` and insert each
-    ``(depth, sentence)`` needle at that fraction of the haystack. Returns (prompt, token count)."""
+    ``(depth, sentence)`` needle at that fraction of the haystack. Returns (prompt, token count).
+
+    Raises :class:`InvalidParameterError` when ``target_tokens`` cannot hold the intro, the question
+    and the needles themselves."""
 
     def count(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    budget = target_tokens - count(intro) - count(question) - sum(count(n) + 1 for _, n in needles) - 2
+    fixed = count(intro) + count(question) + sum(count(n) + 1 for _, n in needles) + 2
+    if fixed > target_tokens:
+        raise InvalidParameterError(
+            f"A {task} prompt of {target_tokens} tokens is too short: its instructions, question and "
+            f"needle(s) alone take {fixed} tokens with this tokenizer. Use retrieval lengths of at least "
+            f"{fixed} tokens (--retrieval-lengths), better several times that."
+        )
+    budget = target_tokens - fixed
     chosen: list[str] = []
     used, i, misses = 0, 0, 0
     while haystack and misses < 20:  # skip sentences too long for what is left, then stop
@@ -109,12 +123,13 @@ def make_probe(task: str, tokenizer, length: int, depth: float, seed: int, hayst
             [(depth, PASSKEY_NEEDLE.format(value=value))],
             PASSKEY_INTRO,
             PASSKEY_QUESTION,
+            task=task,
         )
         return Probe(task, prompt, value, length, depth, n)
     if task not in ("needle", "multikey"):
-        raise ValueError(f"Unknown retrieval task {task!r}; choose from {', '.join(TASKS)}.")
-    if not haystack_text:
-        raise ValueError(f"{task} needs a real-text haystack.")
+        raise InvalidParameterError(f"Unknown retrieval task {task!r}; choose from {', '.join(TASKS)}.")
+    if not haystack_text.strip():
+        raise InvalidParameterError(f"{task} needs a real-text haystack (haystack_text), got none.")
     sentences = _sentences(haystack_text)
     start = rng.randrange(max(1, len(sentences) // 2))
     sentences = sentences[start:] + sentences[:start]
@@ -124,7 +139,7 @@ def make_probe(task: str, tokenizer, length: int, depth: float, seed: int, hayst
     for key, value in zip(keys[1:], values[1:], strict=True):  # distractors at random depths
         needles.append((rng.random(), NEEDLE.format(key=key, value=value)))
     prompt, n = build_prompt(
-        tokenizer, length, depth, sentences, needles, NEEDLE_INTRO, NEEDLE_QUESTION.format(key=keys[0])
+        tokenizer, length, depth, sentences, needles, NEEDLE_INTRO, NEEDLE_QUESTION.format(key=keys[0]), task=task
     )
     return Probe(task, prompt, values[0], length, depth, n)
 
@@ -162,6 +177,15 @@ def run_retrieval(
 ) -> RetrievalResult:
     """Accuracy over ``lengths x depths`` (``trials`` seeded probes per cell)."""
     from tqdm.auto import tqdm
+
+    if task not in TASKS:
+        raise InvalidParameterError(f"Unknown retrieval task {task!r}; choose from {', '.join(TASKS)}.")
+    if trials < 1:
+        raise InvalidParameterError(f"trials must be >= 1 (probes per length and depth), got {trials}.")
+    if not lengths or not depths:
+        raise InvalidParameterError(f"{task} needs at least one length and one depth, got {lengths} and {depths}.")
+    if max_new_tokens < 1:
+        raise InvalidParameterError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
 
     answer_fn = answer_fn or (lambda prompt: greedy_continuation(model, tokenizer, prompt, max_new_tokens))
     grid, samples = [], []

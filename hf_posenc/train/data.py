@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..eval.data import load_texts
+from ..texts import load_texts
 
 
 def pack_blocks(tokenizer, texts: list[str], block: int, *, num_proc: int = 1, max_tokens: int | None = None):
