@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from conftest import max_diff
 from safetensors.torch import load_file
 
 import hf_posenc
+from hf_posenc.record import read_record
 from hf_posenc.specs import parse_scheme_spec
 from hf_posenc.train import load_config, train
 from hf_posenc.train.data import batch_at, pose_position_ids
@@ -312,3 +315,113 @@ def test_parallel_tokenization_packs_the_same_blocks():
     one = pack_blocks(char_tokenizer(), texts, 128)
     two = pack_blocks(char_tokenizer(), texts, 128, num_proc=2)
     assert torch.equal(one, two) and (one == 1).sum() >= 5  # EOS (id 1) between documents
+
+
+def first_batch_loss(model, cfg) -> float:
+    """The loss at step 1 as the engine logs it: the starting model on the run's first batch."""
+    from hf_posenc.tiny import char_tokenizer
+    from hf_posenc.train.data import train_val_blocks
+
+    blocks, _ = train_val_blocks(
+        char_tokenizer(), cfg.data, cfg.seq_len, cfg.seq_len, cfg.val_fraction, max_tokens=cfg.max_tokens
+    )
+    batch = batch_at(blocks, 0, cfg.batch_size, seed=cfg.seed)
+    with torch.no_grad():
+        return model.eval()(**batch, use_cache=False).loss.item()
+
+
+SAVED_PATCHES = [
+    # LoRA wraps the pre-patched model (YaRN rescales the rotary frequencies: no q/k hooks involved)
+    ("llama/tiny_yarn4_lora.yaml", "tiny:llama", "yarn:factor=4"),
+    # LoRA over a patch that owns a tensor plain transformers would drop (a new learned table)
+    ("llama/tiny_yarn4_lora.yaml", "tiny:llama", "learned:max_positions=256:new_table=true"),
+    # full fine-tuning of a learned -> RoPE retrofit (owned tensors: the zeroed wpe)
+    ("gpt2/tiny_learned_to_rope_full.yaml", "tiny:gpt2", "rope"),
+]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "family", "scheme"), SAVED_PATCHES, ids=["llama-yarn-lora", "llama-new-table-lora", "gpt2-rope-full"]
+)
+def test_a_saved_patched_model_trains_as_saved(tmp_path, recipe, family, scheme):
+    """model=FOLDER with a posenc record: loaded through hf_posenc.from_pretrained (patched), trained
+    with scheme: none, and the output still carries the saved patch. A recipe scheme is refused."""
+    from hf_posenc.tiny import char_tokenizer, tiny_model
+
+    saved = tmp_path / "saved"
+    family = family.split(":")[1]
+    no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0} if family == "gpt2" else {}
+    model = tiny_model(family, attn="sdpa", **no_dropout)  # so the logged train-mode loss is deterministic
+    name, params = parse_scheme_spec(scheme)
+    hf_posenc.patch(model, name, **params)
+    model.save_pretrained(saved)
+    char_tokenizer().save_pretrained(saved)
+    label = read_record(model.config).label
+
+    path = ROOT / "recipes" / "configs" / recipe
+    out = tmp_path / "run"
+    with pytest.raises(hf_posenc.InvalidParameterError, match=rf"already carries {re.escape(label)}.*scheme: none"):
+        train(load_config(path, [f"model={saved}", f"output_dir={out}"]), progress=False)
+    assert not out.exists()  # refused before anything was written
+
+    common = ["steps=2", "warmup_steps=0", "log_every=1", "eval_every=2", "max_tokens=20000", "seq_len=128"]
+    cfg = load_config(path, [f"model={saved}", "scheme=none", f"output_dir={out}", *common])
+    result = train(cfg, progress=False)
+    # the run started from the patched model: its first logged loss is the saved patched model's
+    start = first_batch_loss(hf_posenc.from_pretrained(str(saved)), cfg)
+    assert metrics(out)[0]["loss"] == pytest.approx(start, abs=1e-5)
+    trained = hf_posenc.from_pretrained(str(result.final_dir))
+    assert hf_posenc.get_handle(trained).scheme.name == hf_posenc.make_scheme(name, **params).name
+    assert read_record(trained.config).label == label
+    assert not any("lora" in k for k in trained.state_dict())
+
+
+RESUME_FAST = ["log_every=1", "eval_every=100", "max_tokens=20000", "seq_len=64"]
+PI2 = ROOT / "recipes" / "configs" / "llama" / "tiny_pi2_full.yaml"
+
+
+def test_resume_refuses_a_different_recipe_and_keeps_its_config(tmp_path):
+    out = tmp_path / "run"
+    train(load_config(PI2, ["steps=4", "save_every=2", f"output_dir={out}", *RESUME_FAST]), progress=False)
+    stored = (out / "config.yaml").read_text()
+    assert load_config(out / "config.yaml").steps == 4  # config.yaml is a recipe that reruns the run
+
+    with pytest.raises(hf_posenc.InvalidParameterError) as err:
+        cfg = load_config(PI2, ["steps=4", "lr=0.001", "seed=3", f"output_dir={out}", *RESUME_FAST, "save_every=2"])
+        train(cfg, progress=False)
+    message = str(err.value)
+    assert "lr: 0.003 -> 0.001" in message and "seed: 0 -> 3" in message and "new output_dir" in message
+    assert "checkpoint-0000002" in message
+    assert (out / "config.yaml").read_text() == stored  # untouched
+
+    with pytest.raises(hf_posenc.InvalidParameterError, match=r"steps \(1\) is below the resumed step 2"):
+        train(load_config(PI2, ["steps=1", "save_every=2", f"output_dir={out}", *RESUME_FAST]), progress=False)
+    assert (out / "config.yaml").read_text() == stored
+
+
+def test_a_compatible_resume_says_what_it_resumed_and_what_changed(tmp_path, capsys):
+    out = tmp_path / "run"
+    train(load_config(PI2, ["steps=4", "save_every=2", f"output_dir={out}", *RESUME_FAST]), progress=False)
+    capsys.readouterr()
+    extended = load_config(PI2, ["steps=6", "save_every=3", f"output_dir={out}", *RESUME_FAST])
+    result = train(extended, progress=False)
+    printed = capsys.readouterr()
+    printed = printed.out + printed.err
+    assert re.search(r"resumed from \S*checkpoint-0000002 at step 2", printed), printed
+    assert "steps: 4 -> 6" in printed and "save_every: 2 -> 3" in printed
+    assert result.step == 6 and load_config(out / "config.yaml") == extended  # replaced: the new recipe
+    steps = [m["step"] for m in metrics(out)]
+    assert steps == [1, 2, 3, 4, 5, 6]  # rows past the resumed step are not duplicated
+    assert metrics(out)[-1]["lr"] == 0.0  # the cosine schedule follows the new total
+
+
+def test_a_finished_run_without_checkpoints_is_not_overwritten_by_another_recipe(tmp_path):
+    out = tmp_path / "run"
+    train(load_config(PI2, ["steps=2", "save_every=10", f"output_dir={out}", *RESUME_FAST]), progress=False)
+    stored = (out / "config.yaml").read_text()
+    with pytest.raises(hf_posenc.InvalidParameterError, match=r"batch_size: 4 -> 2"):
+        train(load_config(PI2, ["steps=2", "batch_size=2", f"output_dir={out}", *RESUME_FAST]), progress=False)
+    assert (out / "config.yaml").read_text() == stored
+    shutil.rmtree(out / "final")  # a run that left nothing to keep (no checkpoint, no final/) starts over
+    train(load_config(PI2, ["steps=2", "batch_size=2", f"output_dir={out}", *RESUME_FAST]), progress=False)
+    assert load_config(out / "config.yaml").batch_size == 2 and [m["step"] for m in metrics(out)] == [1, 2]

@@ -5,10 +5,19 @@ from __future__ import annotations
 
 import sys
 
-from .config import TrainConfig, load_config
+from .config import RESUMABLE_KEYS, TrainConfig, load_config
 from .engine import RECIPE_FILE, TrainResult, latest_checkpoint, load_adapter_output, train
 
-__all__ = ["TrainConfig", "TrainResult", "latest_checkpoint", "load_adapter_output", "load_config", "main", "train"]
+__all__ = [
+    "RESUMABLE_KEYS",
+    "TrainConfig",
+    "TrainResult",
+    "latest_checkpoint",
+    "load_adapter_output",
+    "load_config",
+    "main",
+    "train",
+]
 
 
 def main(argv: list[str] | None = None) -> int:

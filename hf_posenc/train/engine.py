@@ -15,15 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from .._compat import enable_activation_checkpointing
+from ..errors import InvalidParameterError
 from ..specs import parse_scheme_spec
-from .config import TrainConfig, load_config
+from .config import RESUMABLE_KEYS, TrainConfig, load_config, recipe_differences
 from .data import batch_at, train_val_blocks
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
+#: in output_dir: the run's recipe (YAML; ``hf-posenc finetune <output_dir>/config.yaml`` reruns it) and its log
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
 #: in an adapter-only final folder: the recipe, and base-model tensors the adapter does not hold
 RECIPE_FILE = "hf_posenc_recipe.json"
 BASE_WEIGHTS_FILE = "hf_posenc_base_weights.safetensors"
@@ -50,10 +55,41 @@ class TrainResult:
     eval_loss: float | None
 
 
+def model_source(cfg: TrainConfig):
+    """``(path, record)``: the folder or hub id ``cfg.model`` names (None for ``tiny:``) and the hf_posenc
+    patch record its config holds (None if it holds none). A recipe ``scheme`` on a model that records a
+    patch is refused: re-patching would discard the tensors the saved patch owns."""
+    from ..record import read_record
+    from ..tiny import TINY_PREFIX
+
+    if cfg.model.startswith(TINY_PREFIX):
+        return None, None
+    if cfg.model == "smollm2":  # the packaged model: never patched
+        from ..real_model import smollm2_path
+
+        return str(smollm2_path()), None
+    from transformers import AutoConfig
+
+    record = read_record(AutoConfig.from_pretrained(cfg.model), source=cfg.model)
+    if record is not None and parse_scheme_spec(cfg.scheme) is not None:
+        owned = list(record.owned_keys)
+        lost = f" and discard the tensors it owns ({', '.join(owned[:3])}{', ...' if len(owned) > 3 else ''})"
+        raise InvalidParameterError(
+            f"{cfg.model} already carries {record.label} (a patch saved by hf_posenc); scheme: {cfg.scheme} would "
+            f"replace that patch{lost if owned else ''}. Set scheme: none to continue training it as saved, or "
+            "start from the unpatched model to give it another scheme."
+        )
+    return cfg.model, record
+
+
 def load_model_and_tokenizer(cfg: TrainConfig):
+    """The recipe's model in float32 and its tokenizer. A folder whose config records an hf_posenc patch
+    (saved by ``hf-posenc patch`` or by an earlier recipe) loads through ``hf_posenc.from_pretrained``, so
+    it arrives patched, its own tensors included."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..real_model import smollm2_path
+    import hf_posenc
+
     from ..tiny import TINY_PREFIX, char_tokenizer, tiny_model
 
     if cfg.model.startswith(TINY_PREFIX):
@@ -63,14 +99,19 @@ def load_model_and_tokenizer(cfg: TrainConfig):
             family, seed=cfg.seed, attn=attn, context=cfg.tiny_context, width=cfg.tiny_width, layers=cfg.tiny_layers
         )
         return model, char_tokenizer()
-    path = str(smollm2_path()) if cfg.model == "smollm2" else cfg.model
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    path, record = model_source(cfg)
+    if record is not None:
+        backend = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+        model = hf_posenc.from_pretrained(path, dtype=torch.float32, **backend)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return model, AutoTokenizer.from_pretrained(path)
 
 
 def prepare_model(cfg: TrainConfig, model):
     """LoRA (peft) first, then the position patch: hooks hf_posenc installs on q/k projections then sit
-    on the LoRA-wrapped modules, so the low-rank update is rotated too."""
+    on the LoRA-wrapped modules, so the low-rank update is rotated too. A model that arrives patched (a
+    folder recording a patch; ``scheme`` is then none) is wrapped by LoRA as it is."""
     import hf_posenc
 
     if cfg.gradient_checkpointing:
@@ -103,6 +144,80 @@ def prepare_model(cfg: TrainConfig, model):
 def latest_checkpoint(output_dir: Path) -> Path | None:
     done = [p for p in output_dir.glob("checkpoint-*") if CHECKPOINT.match(p.name) and (p / STATE_FILE).exists()]
     return max(done, key=lambda p: int(CHECKPOINT.match(p.name).group(1)), default=None)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a hidden temp file, fsync, rename: readers see the old content or the new, never a part."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _shown(value) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def check_rerun(output_dir: Path, cfg: TrainConfig, resume: Path | None, resume_step: int) -> dict:
+    """Compare ``cfg`` with the recipe stored in ``output_dir`` by an earlier run. Where that run left
+    something to keep (a checkpoint to resume from, or ``final/``), only :data:`RESUMABLE_KEYS` may
+    differ: any other difference is an :class:`InvalidParameterError` listing each key as old -> new.
+    Returns the differences (allowed ones), ``{key: (old, new)}``."""
+    stored_path = output_dir / CONFIG_FILE
+    kept = resume is not None or (output_dir / "final").is_dir()
+    if not stored_path.exists() or not kept:
+        return {}  # a new run, or one that left nothing but its recipe and log: it starts over
+    where = (
+        f"{output_dir} holds a run checkpointed at step {resume_step} ({resume.name})"
+        if resume is not None
+        else f"{output_dir} holds a finished run (final/, no checkpoint)"
+    )
+    try:
+        stored = yaml.safe_load(stored_path.read_text())
+    except yaml.YAMLError:
+        stored = None
+    if not isinstance(stored, dict):
+        raise InvalidParameterError(
+            f"{where}, but its {CONFIG_FILE} is not a readable recipe, so this recipe cannot be checked "
+            "against it. Use a new output_dir."
+        )
+    changes = recipe_differences(stored, cfg)
+    fixed = {key: change for key, change in changes.items() if key not in RESUMABLE_KEYS}
+    if fixed:
+        lines = "".join(f"\n  {key}: {_shown(old)} -> {_shown(new)}" for key, (old, new) in fixed.items())
+        raise InvalidParameterError(
+            f"{where} with a different recipe ({stored_path}):{lines}\nOnly {', '.join(RESUMABLE_KEYS)} may "
+            f"change when a run resumes. Use a new output_dir for this recipe, or run {stored_path} (the stored "
+            "recipe) to go on with the run as it was."
+        )
+    if resume is not None and cfg.steps < resume_step:
+        raise InvalidParameterError(
+            f"steps ({cfg.steps}) is below the resumed step {resume_step}: {where}. Set steps >= {resume_step}, "
+            "or use a new output_dir."
+        )
+    return changes
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep the log rows up to ``step`` (the resumed one; 0 when starting over): a run killed after its
+    last checkpoint logged steps that the resumed run logs again."""
+    if not path.exists():
+        return
+    if step == 0:
+        path.unlink()
+        return
+    rows = path.read_text().splitlines()
+    kept = []
+    for row in rows:
+        try:
+            if json.loads(row)["step"] <= step:
+                kept.append(row)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by the kill
+    if len(kept) != len(rows):
+        write_atomic(path, "".join(f"{row}\n" for row in kept))
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, keep_last: int) -> Path:
@@ -155,15 +270,22 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     from transformers import get_scheduler
 
     output_dir = Path(cfg.output_dir)
+    model_source(cfg)  # a scheme for a model that records a patch: refused before anything is written
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision, log_with=cfg.report_to or None, project_dir=str(output_dir)
     )
     set_seed(cfg.seed)
+    resume = latest_checkpoint(output_dir)
+    resume_step = json.loads((resume / STATE_FILE).read_text())["step"] if resume is not None else 0
+    changes = check_rerun(output_dir, cfg, resume, resume_step)  # every rank raises alike
+    accelerator.wait_for_everyone()  # every rank has read the stored recipe before it is replaced
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         for stale in output_dir.glob(".checkpoint-*.tmp"):
             shutil.rmtree(stale)
-        (output_dir / "config.yaml").write_text(json.dumps(cfg.to_dict(), indent=2))
+        header = f"# the recipe of this run; `hf-posenc finetune {output_dir / CONFIG_FILE}` resumes it\n"
+        write_atomic(output_dir / CONFIG_FILE, header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        trim_metrics(output_dir / METRICS_FILE, resume_step)
     model, tokenizer = load_model_and_tokenizer(cfg)
     model = prepare_model(cfg, model)
     val_len = cfg.pose_target_len or cfg.seq_len
@@ -181,13 +303,22 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         accelerator.init_trackers("hf_posenc", config={k: str(v) for k, v in cfg.to_dict().items()})
 
     step = 0
-    resume = latest_checkpoint(output_dir)
+    changed = ", ".join(f"{key}: {_shown(old)} -> {_shown(new)}" for key, (old, new) in changes.items())
     if resume is not None:
         accelerator.load_state(str(resume))
-        step = json.loads((resume / STATE_FILE).read_text())["step"]
-        accelerator.print(f"resumed from {resume} at step {step}")
+        step = resume_step
+        accelerator.print(
+            f"resumed from {resume} at step {step} of {cfg.steps}: weights, optimizer, scheduler and RNG state "
+            f"restored, data continues at step {step + 1}; "
+            + (f"recipe changes: {changed}" if changed else "recipe unchanged")
+        )
+    elif changes or (output_dir / "final").is_dir():
+        accelerator.print(
+            f"{output_dir} holds no checkpoint: starting over at step 0"
+            + (f" (recipe changes: {changed})" if changed else "")
+        )
 
-    log_path = output_dir / "metrics.jsonl"
+    log_path = output_dir / METRICS_FILE
     world, rank = accelerator.num_processes, accelerator.process_index
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
     bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and accelerator.is_local_main_process))
