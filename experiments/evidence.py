@@ -52,7 +52,9 @@ def train_short(cfg: dict, seed: int, workdir: Path) -> dict:
     out: dict = {}
     for arch in cfg["archs"]:
         for scheme in cfg["schemes"]:
-            spec = "none" if (arch, scheme) in {("gpt2", "learned"), ("bloom", "alibi")} else scheme
+            # a family's own encoding is trained unpatched (its saved folder then carries no patch record)
+            native = {("gpt2", "learned"), ("bloom", "alibi"), ("llama", "rope")}
+            spec = "none" if (arch, scheme) in native else scheme
             if scheme == "learned" and arch != "gpt2":
                 spec = f"learned:max_positions={length}"
             run = workdir / f"{arch}-{scheme}"

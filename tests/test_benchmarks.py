@@ -41,8 +41,8 @@ def test_evidence_script_runs_at_toy_size(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results["train_short"]) == 15
-    assert results["train_short"]["gpt2/learned"]["nll"]["64"] is None  # cannot run past its table
-    assert results["train_short"]["llama/alibi"]["nll"]["64"] is not None
+    assert results["train_short"]["gpt2/learned"]["nll"]["128"] is None  # cannot run past its table
+    assert results["train_short"]["llama/alibi"]["nll"]["128"] is not None
     assert (tmp_path / "train_short.png").stat().st_size > 1000 and "| llama/rope |" in (
         tmp_path / "README.md"
     ).read_text()
