@@ -18,6 +18,13 @@ def _ls(_: argparse.Namespace) -> int:
     print("architectures (model_type -> adapter):")
     for model_type, adapter in list_architectures().items():
         print(f"  {model_type} -> {adapter}")
+    print("  any other model whose decoder owns a standard rotary_emb -> rotary (after a structural self-check)")
+    from .families import FAMILIES
+
+    print("families checked by the sweep (model_type: layout class; docs/families.md):")
+    for model_type, row in sorted(FAMILIES.items()):
+        status = f"refused: {row.refused}" if row.refused else row.layout
+        print(f"  {model_type}: {status}")
     return 0
 
 

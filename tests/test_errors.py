@@ -26,10 +26,17 @@ def test_aliases_resolve():
 
 
 def test_unknown_model_type():
-    model = tiny_model()
-    model.config.model_type = "llamma"
-    with pytest.raises(hf_posenc.UnknownArchitectureError, match=r"'llamma'.*Did you mean 'llama'"):
+    """No row and no standard rotary module: refused with a did-you-mean list."""
+    model = tiny_model("gpt2")
+    model.config.model_type = "gpt22"
+    with pytest.raises(hf_posenc.UnknownArchitectureError, match=r"'gpt22'.*no rotary_emb.*Did you mean 'gpt2'"):
         hf_posenc.patch(model, "rope")
+
+
+def test_unknown_model_type_with_a_standard_rotary_module_is_patched_after_a_self_check():
+    model = tiny_model()
+    model.config.model_type = "llama_next"
+    assert hf_posenc.patch(model, "yarn", factor=2.0).architecture == "rotary"
 
 
 @pytest.mark.parametrize(

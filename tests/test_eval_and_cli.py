@@ -73,6 +73,7 @@ def test_cli_ls(capsys):
     assert main(["ls"]) == 0
     out = capsys.readouterr().out
     assert "yarn" in out and "dynamic_ntk  (dynamic)" in out and "qwen2 -> llama" in out
+    assert "gemma3_text: per-layer-type" in out and "llama4_text: refused: complex-number rotary" in out
 
 
 def test_cli_patch_saves_a_reloadable_checkpoint(tmp_path):

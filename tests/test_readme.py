@@ -10,10 +10,25 @@ import pytest
 from conftest import char_tokenizer, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from hf_posenc.families import tiny_rotary_config
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 # hub ids in the README -> the tiny family that stands in for them
-STAND_INS = {"gpt2": "gpt2", "bloom": "bloom", "opt": "opt", "pythia": "gpt_neox", "smollm": "llama", "llama": "llama"}
+STAND_INS = {
+    "gpt2": "gpt2",
+    "bloom": "bloom",
+    "opt": "opt",
+    "pythia": "gpt_neox",
+    "qwen3": "qwen3",
+    "gemma-3": "gemma3_text",
+    "smollm3": "smollm3",
+    "llama-4": "llama4_text",
+    "smollm": "llama",
+    "llama": "llama",
+}
+#: stand-ins built from the family table's generic tiny config (the others: hf_posenc.tiny's)
+GENERIC = ("qwen3", "gemma3_text", "smollm3", "llama4_text")
 
 
 def python_blocks() -> list[str]:
@@ -34,6 +49,8 @@ def offline_hub(monkeypatch):
             return real_model(cls, name, *args, **kwargs)
         family = next((f for key, f in STAND_INS.items() if key in str(name).lower()), None)
         assert family is not None, f"no tiny stand-in for {name!r}: add one to STAND_INS"
+        if family in GENERIC:
+            return AutoModelForCausalLM.from_config(tiny_rotary_config(family), attn_implementation="sdpa").eval()
         return tiny_model(family, attn="eager" if family == "bloom" else "sdpa")
 
     def tokenizer(cls, name, *args, **kwargs):

@@ -11,6 +11,8 @@ from ..schemes.base import ModelInfo, SchemeConfig
 from .handle import PatchHandle
 
 _ADAPTERS: dict[str, ArchitectureAdapter] = {}
+#: adapters tried, in order, for a model_type with no row (each checks the model's structure itself)
+_FALLBACKS: list[ArchitectureAdapter] = []
 
 A = TypeVar("A", bound="type[ArchitectureAdapter]")
 
@@ -25,6 +27,12 @@ class ArchitectureAdapter:
     name: ClassVar[str] = ""
     model_types: ClassVar[tuple[str, ...]] = ()
     kinds: ClassVar[tuple[str, ...]] = ()
+    #: serve model types that have no row, when :meth:`accepts` the model's structure
+    fallback: ClassVar[bool] = False
+
+    def accepts(self, model: nn.Module) -> bool:
+        """For a fallback adapter: whether the model has the structure this adapter patches."""
+        return False
 
     def model_info(self, model: nn.Module) -> ModelInfo:
         raise NotImplementedError
@@ -76,6 +84,8 @@ class ArchitectureAdapter:
 def register_architecture(cls: A) -> A:
     """Class decorator: register one adapter instance for each of its model types."""
     adapter = cls()
+    if cls.fallback:
+        _FALLBACKS.append(adapter)
     for model_type in cls.model_types:
         if model_type in _ADAPTERS:
             raise ValueError(f"model_type {model_type!r} registered twice")
@@ -90,11 +100,15 @@ def get_adapter(model: nn.Module) -> ArchitectureAdapter:
         raise UnknownArchitectureError(
             f"{type(model).__name__} has no config.model_type; hf_posenc patches transformers models."
         )
-    if model_type not in _ADAPTERS:
-        raise UnknownArchitectureError(
-            f"No hf_posenc adapter for model_type {model_type!r}." + did_you_mean(model_type, _ADAPTERS)
-        )
-    return _ADAPTERS[model_type]
+    if model_type in _ADAPTERS:
+        return _ADAPTERS[model_type]
+    for adapter in _FALLBACKS:
+        if adapter.accepts(model):
+            return adapter
+    raise UnknownArchitectureError(
+        f"No hf_posenc adapter for model_type {model_type!r}: it has no rotary_emb module following "
+        "transformers' rotary contract, and no adapter row." + did_you_mean(model_type, _ADAPTERS)
+    )
 
 
 def adapter_for_model_type(model_type: str | None) -> ArchitectureAdapter | None:
@@ -104,12 +118,11 @@ def adapter_for_model_type(model_type: str | None) -> ArchitectureAdapter | None
 
 def adapter_named(name: str) -> ArchitectureAdapter:
     """The registered adapter called ``name``."""
-    for adapter in _ADAPTERS.values():
+    for adapter in [*_ADAPTERS.values(), *_FALLBACKS]:
         if adapter.name == name:
             return adapter
-    raise UnknownArchitectureError(
-        f"No hf_posenc adapter named {name!r}." + did_you_mean(name, {a.name for a in _ADAPTERS.values()})
-    )
+    names = {a.name for a in [*_ADAPTERS.values(), *_FALLBACKS]}
+    raise UnknownArchitectureError(f"No hf_posenc adapter named {name!r}." + did_you_mean(name, names))
 
 
 def list_architectures() -> dict[str, str]:

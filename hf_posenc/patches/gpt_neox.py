@@ -1,7 +1,7 @@
 """GPT-NeoX (Pythia): LLaMA's structure with partial rotary on the first channels of each head.
 
-It shows what adding a family costs: the LLaMA adapter serves it once told where the decoder and
-attention live and that attention rotates a channel prefix (so partial rotary is native here).
+The generic rotary adapter finds the partial width by probing; this row adds ALiBi and absolute
+schemes, whose attention runs through transformers' attention interface (``layer.attention``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,3 @@ from .llama import LlamaFamilyAdapter
 class GPTNeoXAdapter(LlamaFamilyAdapter):
     name: ClassVar[str] = "gpt_neox"
     model_types: ClassVar[tuple[str, ...]] = ("gpt_neox",)
-    decoder_attr: ClassVar[str] = "gpt_neox"
-    attention_attr: ClassVar[str] = "attention"
-    rotary_prefix: ClassVar[bool] = True

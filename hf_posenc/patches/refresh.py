@@ -82,10 +82,12 @@ def _require_dynamic(cache: Any, scheme: Any) -> None:
 
     layers = getattr(cache, "layers", None)
     if layers is None or not all(isinstance(layer, DynamicLayer) for layer in layers):
+        kinds = sorted({type(layer).__name__ for layer in layers or ()}) or ["no layers"]
         raise CacheRefreshError(
             f"{scheme.name} with refresh='exact' needs a dynamic KV cache (DynamicCache, the default of "
-            f"forward() and generate()); got {type(cache).__name__}, which cannot be re-encoded when the scale "
-            f"changes. Use the default cache, or patch with refresh='none' (transformers' stale-cache behaviour)."
+            f"forward() and generate()); got {type(cache).__name__} with {', '.join(kinds)}, which cannot be "
+            "re-encoded when the scale changes. Use the default cache, or patch with refresh='none' "
+            "(transformers' stale-cache behaviour)."
         )
 
 
@@ -124,7 +126,11 @@ class CacheRefreshForward(ForwardWrapper):
             out = self.call_inner(**call.kwargs())
             created = output_cache(out)
             if created is not None and getattr(created, _STATE_ATTR, None) is None:
-                _require_dynamic(created, scheme)
+                try:
+                    _require_dynamic(created, scheme)
+                except CacheRefreshError as exc:  # e.g. a hybrid model's cache: fine unless decoding continues
+                    created._hf_posenc_untracked = str(exc)
+                    return out
                 history = _History(bucket=bucket)
                 history.append(kind, tokens, positions)
                 _track(created, history)
@@ -134,6 +140,8 @@ class CacheRefreshForward(ForwardWrapper):
             _require_dynamic(cache, scheme)
             history = _History(bucket=bucket)
             _track(cache, history)
+        elif history is None and getattr(cache, "_hf_posenc_untracked", None):
+            raise CacheRefreshError(cache._hf_posenc_untracked)
         elif history is None or history.length != past:
             raise CacheRefreshError(
                 f"{scheme.name}: this cache holds {past} tokens that hf_posenc did not see (it was filled "

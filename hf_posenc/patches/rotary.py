@@ -23,6 +23,7 @@ class FrequencySource(Protocol):
     def length_bucket(self, seq_len: int) -> int: ...
 
 
+LAYOUTS = ("cat", "interleave", "half")
 #: length buckets whose tables a rotary module keeps (bucketed schemes need a handful)
 _MAX_TABLES = 64
 
@@ -46,12 +47,19 @@ class PosencRotaryEmbedding(nn.Module):
         device: torch.device | None = None,
         *,
         rotary_dim: int | None = None,
+        layout: str = "cat",
     ) -> None:
         """``rotary_dim``: emit tables only for the first ``rotary_dim`` channels (families whose attention
-        rotates a prefix, such as GPT-NeoX); None pads to ``head_dim`` with identity pairs (LLaMA)."""
+        rotates a prefix, such as GPT-NeoX); None pads to ``head_dim`` with identity pairs (LLaMA).
+        ``layout``: how the family lays out its tables: ``cat`` (frequencies twice, transformers'
+        default), ``interleave`` (each frequency twice in a row, Cohere/GLM) or ``half`` (each once,
+        GPT-OSS and GPT-J apply them to channel pairs themselves)."""
         super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.scheme = scheme
         self.head_dim = head_dim
+        self.layout = layout
         self.pairs = (rotary_dim or head_dim) // 2
         inv_freq, scaling = self._frequencies(None)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
@@ -61,7 +69,7 @@ class PosencRotaryEmbedding(nn.Module):
         self._tables: dict[Any, tuple[torch.Tensor, float]] = {}
         # Channels past the rotary part (partial rotary) pass through unscaled, as in transformers.
         rotated = inv_freq != 0
-        self.register_buffer("_rotated", torch.cat([rotated, rotated]), persistent=False)
+        self.register_buffer("_rotated", self._lay_out(rotated), persistent=False)
         self._partial = bool((~rotated).any())
 
     def tables_for(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -89,7 +97,7 @@ class PosencRotaryEmbedding(nn.Module):
         device_type = x.device.type if x.device.type != "mps" else "cpu"
         with torch.autocast(device_type=device_type, enabled=False):
             freqs = position_ids[..., None].float() * inv_freq.to(device=x.device, dtype=torch.float)
-            emb = torch.cat((freqs, freqs), dim=-1)
+            emb = self._lay_out(freqs)
             cos, sin = emb.cos(), emb.sin()
             if scaling != 1.0 and self._partial:
                 scale = torch.where(self._rotated.to(x.device), scaling, 1.0)
@@ -98,5 +106,29 @@ class PosencRotaryEmbedding(nn.Module):
                 cos, sin = cos * scaling, sin * scaling
         return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
 
+    def _lay_out(self, freqs: torch.Tensor) -> torch.Tensor:
+        if self.layout == "cat":
+            return torch.cat((freqs, freqs), dim=-1)
+        if self.layout == "interleave":
+            return freqs.repeat_interleave(2, dim=-1)
+        return freqs
+
     def extra_repr(self) -> str:
-        return f"scheme={self.scheme.name}, head_dim={self.head_dim}"
+        return f"scheme={self.scheme.name}, head_dim={self.head_dim}, layout={self.layout}"
+
+
+class LayerTypeRotary(nn.Module):
+    """Drop-in ``rotary_emb`` for per-layer-type families (Gemma-3, OLMo-3, ...):
+    ``forward(x, position_ids, layer_type) -> (cos, sin)`` from one :class:`PosencRotaryEmbedding` per
+    layer type (``sliding_attention``, ``full_attention``, ...)."""
+
+    def __init__(self, tables: dict[str, PosencRotaryEmbedding]) -> None:
+        super().__init__()
+        self.tables = nn.ModuleDict(tables)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None):
+        if layer_type is None or layer_type not in self.tables:
+            raise KeyError(
+                f"per-layer-type rotary called with layer_type={layer_type!r}; it serves {', '.join(self.tables)}"
+            )
+        return self.tables[layer_type](x, position_ids)

@@ -34,6 +34,9 @@ class ModelInfo:
     #: first channels natively (GPT-NeoX) rather than every channel (LLaMA)
     partial_rotary_factor: float = 1.0
     native_partial_rotary: bool = False
+    #: per-layer-type families: the model's rotary layer types, and those transformers scales natively
+    layer_types: tuple[str, ...] = ()
+    scaled_layer_types: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)

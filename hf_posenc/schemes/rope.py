@@ -41,8 +41,24 @@ class RotaryScheme(SchemeConfig):
 
     rope_theta: float | None = None
     partial_rotary_factor: float | None = None
+    #: per-layer-type models (Gemma-3, OLMo-3, ...): the layer types this scheme replaces; None = the
+    #: types transformers scales natively (full attention), the others keep their own tables
+    layer_types: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layer_types, str):
+            object.__setattr__(self, "layer_types", (self.layer_types,))
+        elif isinstance(self.layer_types, list | tuple):
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        super().__post_init__()
 
     def validate(self) -> None:
+        if self.layer_types is not None and (
+            not self.layer_types or not all(isinstance(t, str) for t in self.layer_types)
+        ):
+            raise InvalidParameterError(
+                f"{self.name}: layer_types must be a non-empty list of names, got {self.layer_types!r}."
+            )
         check_number(self.name, "rope_theta", self.rope_theta, optional=True)
         check_number(self.name, "partial_rotary_factor", self.partial_rotary_factor, optional=True)
         if self.partial_rotary_factor is not None and self.partial_rotary_factor > 1:
@@ -64,8 +80,30 @@ class RotaryScheme(SchemeConfig):
                 f"{self.name}: head_dim {info.head_dim} x partial_rotary_factor "
                 f"{partial} gives {dim} rotated channels; it must be even and >= 2."
             )
-        resolved = dataclasses.replace(self, rope_theta=float(theta), partial_rotary_factor=float(partial))
+        resolved = dataclasses.replace(
+            self,
+            rope_theta=float(theta),
+            partial_rotary_factor=float(partial),
+            layer_types=self._resolve_layer_types(info),
+        )
         return dataclasses.replace(resolved, **resolved._resolve_extra(info))
+
+    def _resolve_layer_types(self, info: ModelInfo) -> tuple[str, ...] | None:
+        if not info.layer_types:
+            if self.layer_types is not None:
+                raise InvalidParameterError(
+                    f"{self.name}: layer_types={list(self.layer_types)} is for models with one rotary table per "
+                    "layer type (Gemma-3, OLMo-3, ...); this model has a single table, so leave it out."
+                )
+            return None
+        chosen = self.layer_types or info.scaled_layer_types or info.layer_types
+        unknown = [t for t in chosen if t not in info.layer_types]
+        if unknown:
+            raise InvalidParameterError(
+                f"{self.name}: layer_types {unknown} are not rotary layer types of this model; "
+                f"valid: {', '.join(info.layer_types)}."
+            )
+        return tuple(chosen)
 
     def _resolve_extra(self, info: ModelInfo) -> dict[str, Any]:
         return {}
@@ -447,3 +485,76 @@ class Llama3Config(_FactorScheme):
 
     def native_max_position_embeddings(self) -> int | None:
         return int(self.original_max_position_embeddings * self.factor)
+
+
+@register_scheme
+@dataclass(frozen=True, kw_only=True)
+class ProportionalConfig(RotaryScheme):
+    """Proportional RoPE (Gemma-4's global layers): the first ``partial_rotary_factor`` of the channel
+    pairs rotate with exponents measured against the whole head (``theta^(-2i / head_dim)``), the
+    rest get zero frequency; every frequency is divided by ``factor``. Equal to transformers'
+    ``proportional`` rope type."""
+
+    name: ClassVar[str] = "proportional"
+    native_rope_type: ClassVar[str | None] = "proportional"
+    factor: float = 1.0
+
+    def validate(self) -> None:
+        super().validate()
+        check_number(self.name, "factor", self.factor)
+        check_context_factor(self.name, self.factor)
+
+    def frequencies(self, head_dim: int, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+        if self.rope_theta is None:
+            raise InvalidParameterError(f"{self.name}: resolve the config against a model first.")
+        angles = int(self.partial_rotary_factor * head_dim // 2)
+        exponents = torch.arange(0, 2 * angles, 2, dtype=torch.int64).float() / head_dim
+        rotated = 1.0 / (self.rope_theta**exponents)
+        inv_freq = torch.cat([rotated, torch.zeros(head_dim // 2 - angles)]) / self.factor
+        return inv_freq, 1.0
+
+    def _native_partial_ok(self, info: ModelInfo) -> bool:
+        # zero-frequency pairs are part of the native definition, whose tables always span the whole head:
+        # families that rotate only a prefix (GPT-NeoX, Phi) cannot take them natively
+        return not info.native_partial_rotary
+
+    def _native_extra(self) -> dict[str, Any]:
+        return {"factor": self.factor, "partial_rotary_factor": self.partial_rotary_factor}
+
+
+#: transformers' rope_type -> the hf_posenc scheme computing the same tables
+NATIVE_ROPE_TYPES = {
+    "default": "rope",
+    "linear": "linear",
+    "dynamic": "dynamic_ntk",
+    "yarn": "yarn",
+    "longrope": "longrope",
+    "llama3": "llama3",
+    "proportional": "proportional",
+}
+#: rope_parameters keys that carry no frequency information
+_BOOKKEEPING_KEYS = ("rope_type", "type")
+
+
+def scheme_from_rope_parameters(params: dict[str, Any]) -> RotaryScheme:
+    """The scheme that reproduces a model's own ``rope_parameters`` (one layer type's), or an
+    :class:`UnsupportedSchemeError` naming what hf_posenc does not model (e.g. multimodal RoPE sections)."""
+    from ..errors import UnsupportedSchemeError
+    from .base import get_scheme_class
+
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in NATIVE_ROPE_TYPES:
+        raise UnsupportedSchemeError(
+            f"rope_type {rope_type!r} has no hf_posenc equivalent (known: {', '.join(NATIVE_ROPE_TYPES)})."
+        )
+    cls = get_scheme_class(NATIVE_ROPE_TYPES[rope_type])
+    fields = set(cls.field_names())
+    unknown = sorted(k for k, v in params.items() if k not in fields and k not in _BOOKKEEPING_KEYS and v is not None)
+    if unknown:
+        raise UnsupportedSchemeError(
+            f"rope_parameters keys {unknown} (rope_type {rope_type!r}) have no hf_posenc equivalent"
+            + (" (multimodal RoPE sections)" if any(k.startswith("mrope") for k in unknown) else "")
+            + "."
+        )
+    kwargs = {k: v for k, v in params.items() if k in fields and v is not None and k != "layer_types"}
+    return cls.from_params(**kwargs)

@@ -1,0 +1,181 @@
+"""The family sweep: every rotary causal-LM model_type of the installed transformers, checked against its
+row in the family table (hf_posenc/families.py).
+
+For each supported family a tiny random model is patched with every scheme; where the patch writes a
+native config, the patched logits at twice the original context equal a natively configured twin (fp32,
+<= 1e-5); every patch changes the output and unpatch restores it bitwise; a saved native patch loads in
+plain transformers with the same logits. Refused families are refused cleanly, naming why.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import cache_kwargs, out_cache
+from transformers import AutoModelForCausalLM
+from transformers.models.auto.configuration_auto import model_type_to_module_name
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+import hf_posenc
+from hf_posenc.families import FAMILIES, UNCHECKED, families_markdown, tiny_rotary_config
+from hf_posenc.patches.base import get_adapter
+
+CONTEXT = 64
+INSTALLED = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+SWEPT = sorted(t for t, row in FAMILIES.items() if row.layout not in ("own-adapter", "refused") and t in INSTALLED)
+REFUSED = sorted(t for t, row in FAMILIES.items() if row.refused and t in INSTALLED)
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "families.md"
+
+
+def build(model_type: str, **overrides):
+    torch.manual_seed(0)
+    config = tiny_rotary_config(model_type, context=CONTEXT, **overrides)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(x, use_cache=False).logits
+
+
+def schemes_for(model) -> list[tuple[str, dict]]:
+    info = get_adapter(model).model_info(model)
+    pairs = int(info.head_dim * info.partial_rotary_factor) // 2
+    longrope = {"short_factor": [1.0] * pairs, "long_factor": [1.0 + i / pairs for i in range(pairs)], "factor": 2.0}
+    return [
+        ("linear", {"factor": 2.0}),
+        ("yarn", {"factor": 2.0}),
+        ("dynamic_ntk", {"factor": 2.0}),
+        ("llama3", {"factor": 2.0}),
+        ("longrope", longrope),
+        ("proportional", {"factor": 2.0}),
+    ]
+
+
+def native_twin(model_type: str, patched, state):
+    changes = {k: getattr(patched.config, k) for k in patched.config.posenc["original_config"]}
+    twin = build(model_type, **changes)
+    twin.load_state_dict(state)
+    return twin
+
+
+@pytest.mark.parametrize("model_type", SWEPT)
+def test_family_patch_equals_native_twin(model_type, tmp_path):
+    model = build(model_type)
+    state = model.state_dict()
+    x = torch.randint(2, 90, (1, 2 * CONTEXT), generator=torch.Generator().manual_seed(1))
+    base = logits(model, x)
+    native = []
+    for scheme, params in schemes_for(model):
+        hf_posenc.patch(model, scheme, **params)
+        got = logits(model, x)
+        assert (got - base).abs().max() > 1e-7, f"{scheme} left {model_type} unchanged past its context"
+        if "rope_parameters" in model.config.posenc["original_config"]:
+            twin = native_twin(model_type, model, state)
+            assert (got - logits(twin, x)).abs().max() <= 1e-5, f"{scheme}: patched != native twin"
+            native.append((scheme, params))
+        hf_posenc.unpatch(model)
+        assert torch.equal(logits(model, x), base), f"{scheme}: unpatch is not bitwise"
+    if not FAMILIES[model_type].native:  # the table says so: every save warns, nothing to load plainly
+        assert native == []
+        return
+    assert native, f"no scheme had a native form on {model_type}"
+    scheme, params = native[0]
+    hf_posenc.patch(model, scheme, **params)
+    expected = logits(model, x)
+    model.save_pretrained(tmp_path)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert (logits(plain, x) - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("model_type", REFUSED)
+def test_refused_family_is_refused_cleanly(model_type):
+    model = build(model_type)
+    x = torch.randint(2, 90, (1, 16))
+    before = logits(model, x)
+    with pytest.raises(hf_posenc.UnsupportedSchemeError) as info:
+        hf_posenc.patch(model, "yarn", factor=2.0)
+    keywords = {"complex": "complex", "multimodal": "multimodal", "more than one": "other rotary", "Llama-4": "llama_4"}
+    reason = FAMILIES[model_type].refused
+    assert any(k in reason and v in str(info.value) for k, v in keywords.items()), str(info.value)
+    assert not hf_posenc.is_patched(model)
+    assert torch.equal(logits(model, x), before)  # nothing was changed
+
+
+def _has_rotary_module(model_type: str) -> bool:
+    module = model_type_to_module_name(model_type)
+    try:
+        modeling = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+    except ImportError:
+        return False
+    return any(name.endswith("RotaryEmbedding") for name in vars(modeling))
+
+
+def test_every_rotary_model_type_has_a_row():
+    missing = [t for t in sorted(INSTALLED) if _has_rotary_module(t) and t not in FAMILIES and t not in UNCHECKED]
+    assert missing == [], f"rotary model types with no row in hf_posenc/families.py: {missing}"
+
+
+def test_verified_families_reach_the_target():
+    verified = [t for t, row in FAMILIES.items() if not row.refused and t in INSTALLED]
+    import transformers
+    from packaging.version import Version
+
+    target = 90 if Version(transformers.__version__) >= Version("5.24") else 70
+    assert len(verified) >= target, f"{len(verified)} verified model types"
+
+
+def test_docs_match_the_table():
+    assert DOCS.read_text() == families_markdown(), "regenerate: python -m hf_posenc.families > docs/families.md"
+
+
+def test_table_layout_class_matches_what_probing_finds():
+    from hf_posenc.patches.llama import RotaryFamilyAdapter
+
+    for model_type in ("qwen3", "phi", "gemma3_text", "cohere", "gpt_oss", "smollm3"):
+        if model_type not in INSTALLED:
+            continue
+        model = build(model_type)
+        layouts = RotaryFamilyAdapter().probe(model)
+        row = FAMILIES[model_type].layout
+        table = next(iter(layouts.values()))
+        found = {
+            "per-layer-type": None not in layouts,
+            "interleaved": table.layout == "interleave",
+            "half-width": table.layout == "half",
+            "partial": table.rotary_dim is not None,
+            "nope-layers": bool(getattr(model.config, "no_rope_layers", None)),
+            "standard": table.layout == "cat" and table.rotary_dim is None,
+        }
+        assert found[row], (model_type, row, layouts)
+
+
+# -- the deep properties on one representative per layout class --------------------------------------
+REPRESENTATIVES = ["qwen3", "phi", "gemma3_text", "smollm3", "cohere", "gpt_oss"]
+
+
+@pytest.mark.parametrize("model_type", [t for t in REPRESENTATIVES if t in INSTALLED])
+@pytest.mark.parametrize(("scheme", "params"), [("yarn", {"factor": 2.0}), ("dynamic_ntk", {"factor": 2.0})])
+def test_cached_decoding_and_left_padding_per_layout_class(model_type, scheme, params):
+    model = build(model_type)
+    hf_posenc.patch(model, scheme, **params)
+    x = torch.randint(2, 90, (2, CONTEXT + 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        cache = out_cache(model(x[:, : CONTEXT - 4], use_cache=True))
+        for t in range(CONTEXT - 4, x.shape[1]):
+            step = model(x[:, t : t + 1], use_cache=True, **cache_kwargs(model, cache))
+            cache = out_cache(step)
+        fresh = model(x, use_cache=False).logits[:, -1]
+    assert (step.logits[:, -1] - fresh).abs().max() <= 1e-4
+    # left padding: a short row padded on the left equals the same row alone
+    short = x[1:, :40]
+    padded = torch.cat([torch.zeros(1, 8, dtype=torch.long), short], dim=1)
+    mask = torch.cat([torch.zeros(1, 8, dtype=torch.long), torch.ones(1, 40, dtype=torch.long)], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        alone = model(short, use_cache=False).logits
+        padded_out = model(padded, attention_mask=mask, position_ids=positions, use_cache=False).logits[:, 8:]
+    assert (alone - padded_out).abs().max() <= 1e-4
