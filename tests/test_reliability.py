@@ -388,3 +388,17 @@ def test_bloom_assumed_context_is_stated_and_overridable():
     handle = hf_posenc.patch(model, "yarn", factor=2.0, original_max_position_embeddings=512, replace=True)
     assert handle.scheme.original_max_position_embeddings == 512
     assert model.config.posenc["spec"]["original_max_position_embeddings"] == 512
+
+
+@pytest.mark.parametrize(
+    ("arch", "scheme", "params"),
+    [("gpt2", "rope", {}), ("bloom", "alibi", {}), ("llama", "dynamic_ntk", DYNAMIC)],
+    ids=["gpt2-rope", "bloom-alibi", "llama-dynamic"],
+)
+def test_torch_compile_of_a_patched_model_equals_eager(arch, scheme, params):
+    """The instance forwards and per-call state survive torch.compile (a bound lookup of the module's
+    forward inside a wrapper once sent dynamo back into the wrapper)."""
+    model = patched(arch, scheme, params)
+    x = tokens(1, 90)
+    compiled = torch.compile(model)
+    assert max_diff(logits(compiled, x), logits(model, x)) <= 1e-5

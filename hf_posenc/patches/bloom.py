@@ -33,7 +33,7 @@ from .common import (
 from .context import DecoderPositions, PositionState, install_position_context
 from .embeddings import apply_rotary
 from .handle import PatchHandle
-from .wrappers import current_state
+from .wrappers import bound_call, current_state
 
 
 class BloomAttentionForward:
@@ -162,8 +162,8 @@ class BloomAdapter(ArchitectureAdapter):
             )
         if scheme.kind == "alibi":
             add_alibi_slopes(attns, scheme, info.num_attention_heads, handle, weight.device)
-        handle.set_attr(decoder, "build_alibi_tensor", StateAsAlibi(context))
+        handle.set_attr(decoder, "build_alibi_tensor", bound_call(StateAsAlibi(context)))
         backend = attention.base_backend(name)
         for attn in attns:
-            handle.set_attr(attn, "forward", BloomAttentionForward(attn, backend))
+            handle.set_attr(attn, "forward", bound_call(BloomAttentionForward(attn, backend)))
         set_backend(model, handle, name)

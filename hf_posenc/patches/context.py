@@ -20,7 +20,7 @@ from torch import nn
 
 from .._compat import cache_keyword
 from .handle import PatchHandle
-from .wrappers import BoundCall, ForwardWrapper, call_state, current_state
+from .wrappers import BoundCall, ForwardWrapper, call_with_state, current_state
 
 
 @dataclass
@@ -76,8 +76,7 @@ class OuterPositionIds(ForwardWrapper):
     decoder's :class:`DecoderPositions` during this call."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with call_state(self, kwargs.get("position_ids")):
-            return self.call_inner(*args, **kwargs)
+        return call_with_state(self, kwargs.get("position_ids"), self.call_inner, *args, **kwargs)
 
 
 class DecoderPositions(ForwardWrapper):
@@ -151,8 +150,7 @@ class DecoderPositions(ForwardWrapper):
                 embeds = token_embeddings(call.get("input_ids"))
                 call.set("input_ids", None)
             call.set("inputs_embeds", embeds + getattr(decoder, self.embed_attr)(positions).to(embeds.dtype))
-        with call_state(self, state):
-            return self.call_inner(**call.kwargs())
+        return call_with_state(self, state, self.call_inner, **call.kwargs())
 
 
 def install_position_context(

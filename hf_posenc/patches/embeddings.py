@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import HookPointMissingError, InvalidParameterError
 from ..schemes.absolute import sinusoidal_table
-from .wrappers import ForwardWrapper, call_state, current_state
+from .wrappers import ForwardWrapper, call_with_state, current_state
 
 #: serialises moving a rotation hook onto a newly wrapped projection (threads may race to do it)
 _HOOK_LOCK = threading.Lock()
@@ -162,8 +162,7 @@ class RotaryAttention(ForwardWrapper):
                 "hf_posenc cannot tell which positions to rotate (the installed transformers changed how "
                 "this family passes positions)."
             )
-        with call_state(self, tables):
-            return self.call_inner(*args, **kwargs)
+        return call_with_state(self, tables, self.call_inner, *args, **kwargs)
 
 
 class RotateProjection:

@@ -3,37 +3,56 @@
 - :class:`ForwardWrapper`: installed as ``module.forward`` on one instance. It is an object, not a
   closure: it holds the module it wraps and the forward that was there before, so ``copy.deepcopy`` of
   the model gives a wrapper bound to the copy, and the model pickles.
-- :func:`call_state` / :func:`current_state`: state that lives for one call only, kept in a
+- :func:`call_with_state` / :func:`current_state`: state that lives for one call only, kept in a
   :class:`contextvars.ContextVar`, so the same model used from several threads never shares it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-from collections.abc import Iterator
-from contextvars import ContextVar
+from collections.abc import Callable
+from contextvars import ContextVar, Token
 from typing import Any
 
+import torch
 from torch import nn
 
 _STATE: ContextVar[dict[int, Any] | None] = ContextVar("hf_posenc_call_state", default=None)
 
 
-@contextlib.contextmanager
-def call_state(owner: object, state: Any) -> Iterator[None]:
-    """Make ``state`` the current state of ``owner`` for this call (this thread / task only)."""
+@torch.compiler.disable
+def push_state(owner: object, state: Any) -> Token:
+    """Make ``state`` the current state of ``owner`` (this thread / task only); undo with :func:`pop_state`.
+    Runs outside torch.compile's tracing (context variables are not traceable)."""
     current = _STATE.get() or {}
-    token = _STATE.set({**current, id(owner): state})
-    try:
-        yield
-    finally:
-        _STATE.reset(token)
+    return _STATE.set({**current, id(owner): state})
 
 
+@torch.compiler.disable
+def pop_state(token: Token) -> None:
+    _STATE.reset(token)
+
+
+@torch.compiler.disable
 def current_state(owner: object) -> Any:
     """The state ``owner`` set for the call in progress in this thread, or None."""
     return (_STATE.get() or {}).get(id(owner))
+
+
+def call_with_state(owner: object, state: Any, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` with ``state`` as ``owner``'s state for the duration of the call."""
+    token = push_state(owner, state)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        pop_state(token)
+
+
+def bound_call(obj: Any) -> Any:
+    """``obj.__call__`` as a bound method: what hf_posenc installs as an instance attribute. A bound
+    method (not the object) is what torch.compile traces like any forward; ``copy.deepcopy`` rebinds
+    it to the copied object, and it pickles as ``getattr(obj, "__call__")``."""
+    return obj.__call__
 
 
 class ForwardWrapper:
@@ -43,21 +62,35 @@ class ForwardWrapper:
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        self.inner = module.__dict__.get("forward")
+        inner = module.__dict__.get("forward")
+        # an earlier hf_posenc forward is installed as its bound __call__: keep the object itself
+        self.inner = inner.__self__ if isinstance(getattr(inner, "__self__", None), ForwardWrapper) else inner
 
     def inner_forward(self) -> Any:
         return self.inner if self.inner is not None else type(self.module).forward.__get__(self.module)
 
     @property
     def __signature__(self) -> inspect.Signature:
-        """The wrapped forward's signature, so callers (and later wrappers) bind arguments by name."""
-        return inspect.signature(self.inner_forward())
+        """The wrapped forward's signature, so callers (and later wrappers) bind arguments by name.
+        Computed once per wrapper (not per call: torch.compile traces the call), and left out of
+        copies and pickles, which compute it again."""
+        signature = self.__dict__.get("_signature")
+        if signature is None:
+            signature = self.__dict__["_signature"] = inspect.signature(self.inner_forward())
+        return signature
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_signature"}
 
     def call_inner(self, *args: Any, **kwargs: Any) -> Any:
-        return self.inner_forward()(*args, **kwargs)
+        if self.inner is not None:
+            return self.inner(*args, **kwargs)
+        # the class's forward called with the module, not looked up on it: torch.compile resolves a
+        # bound lookup to the instance attribute, which is this wrapper
+        return type(self.module).forward(self.module, *args, **kwargs)
 
     def install(self, handle: Any) -> None:
-        handle.set_attr(self.module, "forward", self)
+        handle.set_attr(self.module, "forward", bound_call(self))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError
