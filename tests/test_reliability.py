@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import ORIGINAL_LENGTH, cache_kwargs, max_diff, out_cache, tiny_config, tiny_model, tokens
+from conftest import GRID_ARCHS, ORIGINAL_LENGTH, cache_kwargs, max_diff, out_cache, tiny_config, tiny_model, tokens
 from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 
 import hf_posenc
@@ -34,6 +34,17 @@ CELLS = [
     ("gpt_neox", "yarn", {"factor": 4.0}),
     ("qwen2", "learned", {"max_positions": 256}),
 ]
+# the common grid: every family x every kind of scheme
+GRID_SCHEMES = [
+    ("nope", {}),
+    ("sinusoidal", {}),
+    ("learned", {"max_positions": 256}),
+    ("rope", {}),
+    ("yarn", {"factor": 4.0}),
+    ("dynamic_ntk", DYNAMIC),
+    ("alibi", {}),
+]
+GRID = [(a, s, p) for a in GRID_ARCHS for s, p in GRID_SCHEMES]
 CELL_IDS = [f"{a}-{s}" for a, s, _ in CELLS]
 
 
@@ -93,10 +104,10 @@ def test_static_cache_with_exact_refresh_is_refused_clearly():
 # ----------------------------------------------------------------------------- deepcopy and pickling
 
 
-@pytest.mark.parametrize(("arch", "scheme", "params"), CELLS, ids=CELL_IDS)
+@pytest.mark.parametrize(("arch", "scheme", "params"), GRID, ids=[f"{a}-{s}" for a, s, _ in GRID])
 def test_deepcopy_is_an_independent_patched_model(arch, scheme, params):
     model = tiny_model(arch)
-    x = tokens(2, 100 if scheme != "learned" else 60)
+    x = tokens(2, 100)
     base = logits(model, x[:, :40])
     hf_posenc.patch(model, scheme, **params)
     expected = logits(model, x)
