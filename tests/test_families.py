@@ -179,3 +179,37 @@ def test_cached_decoding_and_left_padding_per_layout_class(model_type, scheme, p
         alone = model(short, use_cache=False).logits
         padded_out = model(padded, attention_mask=mask, position_ids=positions, use_cache=False).logits[:, 8:]
     assert (alone - padded_out).abs().max() <= 1e-4
+
+
+# -- ALiBi and absolute schemes on the generic families -------------------------------------------------
+ALIBI_FAMILIES = ["qwen3", "gemma3_text", "cohere", "phi3", "deepseek_v3", "smollm3", "olmo2"]
+ALIBI_REFUSED = {"gemma2": "softcap", "gpt_oss": "sinks", "qwen3_next": "every layer", "minimax": "interface"}
+
+
+@pytest.mark.parametrize("model_type", [t for t in ALIBI_FAMILIES if t in INSTALLED])
+def test_alibi_and_absolute_schemes_on_generic_families(model_type):
+    """ALiBi runs through hf_posenc's registered backends wherever the family's attention uses
+    transformers' attention interface: it takes effect (differs from NoPE), eager and sdpa agree, and
+    unpatch is bitwise; an absolute scheme changes the output too."""
+    model = build(model_type)
+    x = torch.randint(2, 90, (1, 100), generator=torch.Generator().manual_seed(5))
+    base = logits(model, x)
+    with hf_posenc.patched(model, "nope"):
+        nope = logits(model, x)
+    results = {}
+    for backend in ("eager", "sdpa"):
+        with hf_posenc.patched(model, "alibi", attn_implementation=backend):
+            results[backend] = logits(model, x)
+    assert (results["eager"] - results["sdpa"]).abs().max() <= 1e-5
+    assert (results["eager"] - nope).abs().max() > 1e-6, "ALiBi had no effect: its backend never ran"
+    with hf_posenc.patched(model, "sinusoidal"):
+        assert (logits(model, x) - nope).abs().max() > 1e-6
+    assert torch.equal(logits(model, x), base)
+
+
+@pytest.mark.parametrize(("model_type", "reason"), [(t, r) for t, r in ALIBI_REFUSED.items() if t in INSTALLED])
+def test_alibi_is_refused_where_its_backends_would_not_run_or_be_exact(model_type, reason):
+    model = build(model_type)
+    with pytest.raises(hf_posenc.UnsupportedSchemeError, match=reason):
+        hf_posenc.patch(model, "alibi")
+    assert not hf_posenc.is_patched(model)

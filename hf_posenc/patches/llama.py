@@ -38,6 +38,8 @@ from .rotary import LAYOUTS, LayerTypeRotary, PosencRotaryEmbedding
 PROBE_POSITIONS = 48
 #: how close hf_posenc's tables must come to the family's own (float32)
 PROBE_TOLERANCE = 1e-6
+#: attention features hf_posenc's ALiBi backends do not implement (logit soft-capping, attention sinks)
+UNSUPPORTED_ATTENTION = ("softcap", "s_aux", "sinks")
 #: names under which families keep a layer's attention module
 ATTENTION_NAMES = ("self_attn", "attention", "attn", "self_attention")
 
@@ -86,7 +88,7 @@ class RotaryFamilyAdapter(ArchitectureAdapter):
 
     name: ClassVar[str] = "rotary"
     model_types: ClassVar[tuple[str, ...]] = ()
-    kinds: ClassVar[tuple[str, ...]] = ("rotary", "none")
+    kinds: ClassVar[tuple[str, ...]] = ("rotary", "none", "alibi", "absolute")
     fallback: ClassVar[bool] = True
 
     def accepts(self, model: nn.Module) -> bool:
@@ -239,6 +241,8 @@ class RotaryFamilyAdapter(ArchitectureAdapter):
     ) -> None:
         layouts = self.probe(model)
         decoder = self.decoder(model)
+        if scheme.kind == "alibi":
+            self.interface_attentions(decoder, model.config)  # refuse before changing anything
         original = decoder.rotary_emb
         device = next((b.device for b in original.buffers() if b.device.type != "meta"), None)
         primary = self.primary(layouts)
@@ -253,7 +257,7 @@ class RotaryFamilyAdapter(ArchitectureAdapter):
         if needs_cache_refresh(scheme):
             install_cache_refresh(decoder, scheme, handle)
         if scheme.kind == "alibi":
-            attns = [self.attention(layer) for layer in self.require(decoder, "layers")]
+            attns = self.interface_attentions(decoder, model.config)
             add_alibi_slopes(attns, scheme, model.config.num_attention_heads, handle, device)
         if scheme.kind == "absolute":
             weight = decoder.get_input_embeddings().weight
@@ -261,6 +265,31 @@ class RotaryFamilyAdapter(ArchitectureAdapter):
             handle.set_attr(decoder, POSITIONS_ATTR, table)
             install_position_context(decoder, handle, embed_attr=POSITIONS_ATTR)
         set_backend(model, handle, backend)
+
+    def interface_attentions(self, decoder: nn.Module, config: Any) -> list[nn.Module]:
+        """Every layer's attention module, when each computes attention through transformers' attention
+        interface (so hf_posenc's registered ALiBi backends run) and uses nothing they do not implement;
+        else :class:`UnsupportedSchemeError` saying which."""
+        try:
+            attns = [self.attention(layer) for layer in self.require(decoder, "layers")]
+        except PosencError as exc:
+            raise UnsupportedSchemeError(
+                f"{config.model_type}: ALiBi needs an attention module in every layer ({exc})"
+            ) from exc
+        for cls in dict.fromkeys(type(a) for a in attns):
+            source = inspect.getsource(cls.forward)
+            if "ALL_ATTENTION_FUNCTIONS" not in source:
+                raise UnsupportedSchemeError(
+                    f"{config.model_type}: {cls.__name__} does not compute attention through transformers' attention "
+                    "interface, so hf_posenc's ALiBi backends would never run; ALiBi is refused here."
+                )
+            used = [feature for feature in UNSUPPORTED_ATTENTION if feature in source]
+            if used:
+                raise UnsupportedSchemeError(
+                    f"{config.model_type}: {cls.__name__} uses {', '.join(used)}, which hf_posenc's ALiBi backends do "
+                    "not implement; ALiBi is refused here."
+                )
+        return attns
 
     def attention(self, layer: nn.Module) -> nn.Module:
         for name in ATTENTION_NAMES:
