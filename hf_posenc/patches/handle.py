@@ -89,20 +89,6 @@ class AddedBuffer:
 
 
 @dataclass
-class AddedHook:
-    """A hook registered in ``module.<store>`` (``_forward_hooks``, ``_forward_pre_hooks``) under ``hook_id``."""
-
-    module: nn.Module
-    store: str
-    hook_id: int
-
-    def undo(self) -> None:
-        getattr(self.module, self.store).pop(self.hook_id, None)
-        for extra in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs"):
-            getattr(self.module, extra, {}).pop(self.hook_id, None)
-
-
-@dataclass
 class UndoCall:
     """Any other reversal: ``target.undo()`` (an object that knows how to remove itself)."""
 
@@ -187,14 +173,6 @@ class PatchHandle:
             raise RuntimeError(f"{type(module).__name__} already has an attribute {name!r}")
         module.register_buffer(name, tensor, persistent=False)
         self._undo.append(AddedBuffer(module, name))
-
-    def add_forward_hook(self, module: nn.Module, hook: Callable[..., Any]) -> None:
-        handle = module.register_forward_hook(hook)
-        self._undo.append(AddedHook(module, "_forward_hooks", handle.id))
-
-    def add_forward_pre_hook(self, module: nn.Module, hook: Callable[..., Any], *, with_kwargs: bool = False) -> None:
-        handle = module.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
-        self._undo.append(AddedHook(module, "_forward_pre_hooks", handle.id))
 
     def on_undo(self, target: Any) -> None:
         """Register any other reversal: ``target.undo()`` runs in LIFO order with the rest."""
