@@ -17,6 +17,18 @@ VOCAB = 97
 
 
 GRID_ARCHS = ("gpt2", "llama", "bloom", "gpt_neox", "opt")
+#: dynamic NTK measured against the tiny models' original context
+DYNAMIC = {"factor": 2.0, "original_max_position_embeddings": ORIGINAL_LENGTH}
+#: one scheme of every kind: the schemes of the common grid (every family x every kind)
+GRID_SCHEMES = [
+    ("nope", {}),
+    ("sinusoidal", {}),
+    ("learned", {"max_positions": 256}),
+    ("rope", {}),
+    ("yarn", {"factor": 4.0}),
+    ("dynamic_ntk", DYNAMIC),
+    ("alibi", {}),
+]
 
 
 def tiny_config(model_type: str = "llama", **overrides):

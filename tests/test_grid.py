@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import GRID_ARCHS, ORIGINAL_LENGTH, cache_kwargs, max_diff, tiny_model, tokens
+from conftest import GRID_ARCHS, GRID_SCHEMES, ORIGINAL_LENGTH, cache_kwargs, max_diff, tiny_model, tokens
 from transformers import DynamicCache
 
 import hf_posenc
 
-SCHEMES = [
-    ("nope", {}),
-    ("sinusoidal", {}),
-    ("learned", {"max_positions": 256}),
-    ("rope", {}),
-    ("yarn", {"factor": 4.0}),
-    ("dynamic_ntk", {"factor": 2.0, "original_max_position_embeddings": ORIGINAL_LENGTH}),
-    ("alibi", {}),
-]
+SCHEMES = GRID_SCHEMES
 BACKENDS = ("eager", "sdpa", "flex_attention")
 GRID = [(a, s, p, b) for a in GRID_ARCHS for s, p in SCHEMES for b in BACKENDS]
 IDS = [f"{a}-{s}-{b}" for a, s, _, b in GRID]

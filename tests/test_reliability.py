@@ -12,12 +12,22 @@ import warnings
 
 import pytest
 import torch
-from conftest import GRID_ARCHS, ORIGINAL_LENGTH, cache_kwargs, max_diff, out_cache, tiny_config, tiny_model, tokens
+from conftest import (
+    DYNAMIC,
+    GRID_ARCHS,
+    GRID_SCHEMES,
+    ORIGINAL_LENGTH,
+    cache_kwargs,
+    max_diff,
+    out_cache,
+    tiny_config,
+    tiny_model,
+    tokens,
+)
 from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 
 import hf_posenc
 
-DYNAMIC = {"factor": 2.0, "original_max_position_embeddings": ORIGINAL_LENGTH}
 LONGROPE = {"short_factor": [1.0] * 8, "long_factor": [2.0] * 8, "factor": 2.0}
 # every family x a scheme that exercises its own path (q/k hooks, rotary swap, BLOOM's attention, tables)
 CELLS = [
@@ -33,16 +43,6 @@ CELLS = [
     ("llama", "alibi", {}),
     ("gpt_neox", "yarn", {"factor": 4.0}),
     ("qwen2", "learned", {"max_positions": 256}),
-]
-# the common grid: every family x every kind of scheme
-GRID_SCHEMES = [
-    ("nope", {}),
-    ("sinusoidal", {}),
-    ("learned", {"max_positions": 256}),
-    ("rope", {}),
-    ("yarn", {"factor": 4.0}),
-    ("dynamic_ntk", DYNAMIC),
-    ("alibi", {}),
 ]
 GRID = [(a, s, p) for a in GRID_ARCHS for s, p in GRID_SCHEMES]
 CELL_IDS = [f"{a}-{s}" for a, s, _ in CELLS]

@@ -76,6 +76,11 @@ def config_head_dim(config: Any) -> int | None:
         return None
 
 
+def rotary_owner(model: nn.Module) -> nn.Module | None:
+    """The shallowest module that owns a ``rotary_emb`` submodule, or None."""
+    return next((m for m in model.modules() if isinstance(m._modules.get("rotary_emb"), nn.Module)), None)
+
+
 def text_config(model: nn.Module, decoder: nn.Module) -> Any:
     """The config the decoder was built from (a multimodal model's text config)."""
     return getattr(decoder, "config", None) or model.config
@@ -92,14 +97,11 @@ class RotaryFamilyAdapter(ArchitectureAdapter):
     fallback: ClassVar[bool] = True
 
     def accepts(self, model: nn.Module) -> bool:
-        return any(isinstance(m._modules.get("rotary_emb"), nn.Module) for m in model.modules())
+        return rotary_owner(model) is not None
 
     def decoder(self, model: nn.Module) -> nn.Module:
         """The module that owns ``rotary_emb`` (the shallowest one)."""
-        for _, module in model.named_modules():
-            if isinstance(module.__dict__.get("_modules", {}).get("rotary_emb"), nn.Module):
-                return module
-        return self.require(model, "rotary_emb")  # raises, naming the missing hook point
+        return rotary_owner(model) or self.require(model, "rotary_emb")  # raises, naming the missing hook point
 
     # -- probing ------------------------------------------------------------------------------
     def probe(self, model: nn.Module) -> dict[str | None, TableLayout]:
