@@ -22,6 +22,7 @@ LAYOUT_CLASSES = {
     "nope-layers": "standard tables; some layers use none",
     "interleaved": "each frequency twice in a row",
     "half-width": "one column per frequency, paired by the attention",
+    "sinusoid-table": "a fixed sin/cos table, pairs rotated in place (before 5.24 one per attention): own adapter",
     "own-adapter": "positions outside a rotary module (learned table, ALiBi): a dedicated adapter",
     "refused": "not patched: hf_posenc cannot reproduce its positions exactly",
 }
@@ -83,6 +84,7 @@ _rows(
     "half-width",
     """gpt_oss""",
 )
+_rows("sinusoid-table", "gptj codegen", native=False, note="no config key changes its table: saves need hf_posenc")
 _rows("own-adapter", "gpt2 opt bloom")
 FAMILIES["phimoe"] = Family(
     "standard", native=False, note="its longrope reads PhiMoE's own short_mscale/long_mscale: saves need hf_posenc"
@@ -113,9 +115,6 @@ UNCHECKED: dict[str, str] = {
         "multimodal wrapper: no tiny build here (its text model is checked where transformers has one)",
     ),
     **dict.fromkeys(
-        ["gptj", "codegen"], "positions from a fixed sin/cos table sized to the context (no run past it to compare)"
-    ),
-    **dict.fromkeys(
         [
             "bailing_hybrid",
             "cohere_compass_text",
@@ -142,6 +141,8 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "dots1": {"n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1},
     "gemma3n_text": {"num_kv_shared_layers": 0},
     "mimo_v2_flash": {"head_dim": 48},
+    "gptj": {"rotary_dim": 8},
+    "codegen": {"rotary_dim": 8},
 }
 
 # -- tiny configs ----------------------------------------------------------------------------------

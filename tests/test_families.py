@@ -25,7 +25,8 @@ from hf_posenc.patches.base import get_adapter
 
 CONTEXT = 64
 INSTALLED = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-SWEPT = sorted(t for t, row in FAMILIES.items() if row.layout not in ("own-adapter", "refused") and t in INSTALLED)
+OWN = ("own-adapter", "sinusoid-table", "refused")  # checked by their own tests, not the twin sweep
+SWEPT = sorted(t for t, row in FAMILIES.items() if row.layout not in OWN and t in INSTALLED)
 REFUSED = sorted(t for t, row in FAMILIES.items() if row.refused and t in INSTALLED)
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "families.md"
 
@@ -213,3 +214,120 @@ def test_alibi_is_refused_where_its_backends_would_not_run_or_be_exact(model_typ
     with pytest.raises(hf_posenc.UnsupportedSchemeError, match=reason):
         hf_posenc.patch(model, "alibi")
     assert not hf_posenc.is_patched(model)
+
+
+# -- GPT-J and CodeGen: a fixed sin/cos table, no native scaling to compare with ------------------------
+TABLE_FAMILIES = sorted(t for t, row in FAMILIES.items() if row.layout == "sinusoid-table" and t in INSTALLED)
+
+
+def transformers_table(model, rope_parameters: dict, seq_len: int, length: int) -> torch.Tensor:
+    """Rows ``cat(sin, cos)`` for positions 0..length-1, from transformers' own rope functions for
+    ``rope_parameters`` (computed over the family's rotary_dim channels), as GPT-J's table lays them out."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    dim = model.config.rotary_dim
+    config = LlamaConfig(
+        hidden_size=dim * 4,
+        num_attention_heads=4,
+        head_dim=dim,
+        max_position_embeddings=CONTEXT,
+        rope_parameters=rope_parameters,
+    )
+    kind = rope_parameters["rope_type"]
+    if kind == "default":
+        inv_freq, scale = 1.0 / (rope_parameters["rope_theta"] ** (torch.arange(0, dim, 2).float() / dim)), 1.0
+    else:
+        inv_freq, scale = ROPE_INIT_FUNCTIONS[kind](config, None, seq_len)
+    angles = torch.arange(length).float()[:, None] * inv_freq[None]
+    return torch.cat((angles.sin() * scale, angles.cos() * scale), dim=-1)
+
+
+def reference_twin(model_type: str, state: dict, table: torch.Tensor):
+    """The unpatched family, its table long enough and filled with ``table``: transformers' own attention
+    code running transformers' own frequencies."""
+    twin = build(model_type, max_position_embeddings=table.shape[0])
+    twin.load_state_dict(state)
+    filled = 0
+    for module in twin.modules():
+        if "embed_positions" in module._buffers:
+            module.embed_positions.copy_(table)
+            filled += 1
+    assert filled
+    return twin
+
+
+@pytest.mark.parametrize("model_type", TABLE_FAMILIES)
+def test_sinusoid_table_families_equal_transformers_math_past_their_table(model_type, tmp_path):
+    """GPT-J/CodeGen: each scheme equals the family's own attention running transformers' frequencies for
+    that scheme at twice the table's length; unpatch is bitwise; hf_posenc's save reloads the patch."""
+    model = build(model_type)
+    state = model.state_dict()
+    x = torch.randint(2, 90, (1, 2 * CONTEXT), generator=torch.Generator().manual_seed(1))
+    short = x[:, :CONTEXT]
+    base = logits(model, short)
+    info = get_adapter(model).model_info(model)
+    assert info.head_dim == model.config.rotary_dim  # frequencies over the rotated channels, as the family
+    for scheme, params in schemes_for(model):
+        if scheme == "proportional":
+            continue
+        handle = hf_posenc.patch(model, scheme, **params)
+        rope = handle.scheme.native_rope_parameters(info)
+        got = logits(model, x)
+        twin = reference_twin(model_type, state, transformers_table(model, rope, x.shape[1], x.shape[1]))
+        assert (got - logits(twin, x)).abs().max() <= 1e-5, f"{scheme}: patched != transformers' math"
+        hf_posenc.unpatch(model)
+        assert torch.equal(logits(model, short), base), f"{scheme}: unpatch is not bitwise"
+    hf_posenc.patch(model, "yarn", factor=2.0)
+    expected = logits(model, x)
+    with pytest.warns(hf_posenc.PosencWarning):  # no native form: the save needs hf_posenc to load
+        model.save_pretrained(tmp_path)
+    again = hf_posenc.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert torch.equal(logits(again, x), expected)
+
+
+@pytest.mark.parametrize("model_type", TABLE_FAMILIES)
+def test_sinusoid_table_families_decode_and_pad_exactly(model_type):
+    """The deep properties on the custom layout class: cached decoding equals a fresh forward past the
+    table, left padding equals the row alone, for a static and a length-dependent scheme."""
+    for scheme in ("yarn", "dynamic_ntk"):
+        model = build(model_type)
+        hf_posenc.patch(model, scheme, factor=2.0)
+        x = torch.randint(2, 90, (2, CONTEXT + 16), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            cache = out_cache(model(x[:, : CONTEXT - 4], use_cache=True))
+            for t in range(CONTEXT - 4, x.shape[1]):
+                step = model(x[:, t : t + 1], use_cache=True, **cache_kwargs(model, cache))
+                cache = out_cache(step)
+            fresh = model(x, use_cache=False).logits[:, -1]
+        assert (step.logits[:, -1] - fresh).abs().max() <= 1e-4, scheme
+        short = x[1:, :40]
+        padded = torch.cat([torch.zeros(1, 8, dtype=torch.long), short], dim=1)
+        mask = torch.cat([torch.zeros(1, 8, dtype=torch.long), torch.ones(1, 40, dtype=torch.long)], dim=1)
+        with torch.no_grad():
+            alone = model(short, use_cache=False).logits
+            out = model(padded, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False)
+        assert (alone - out.logits[:, 8:]).abs().max() <= 1e-4, scheme
+
+
+@pytest.mark.parametrize("model_type", TABLE_FAMILIES)
+def test_sinusoid_table_families_host_absolute_and_alibi_or_refuse_it(model_type):
+    """Absolute schemes everywhere; ALiBi where the attention runs through transformers' interface (5.24
+    on), refused by name before (nothing changed)."""
+    model = build(model_type)
+    x = torch.randint(2, 90, (1, 100), generator=torch.Generator().manual_seed(5))
+    with hf_posenc.patched(model, "nope"):
+        nope = logits(model, x)
+    with hf_posenc.patched(model, "sinusoidal"):
+        assert (logits(model, x) - nope).abs().max() > 1e-6
+    if "rotary_emb" not in model.base_model._modules:
+        with pytest.raises(hf_posenc.UnsupportedSchemeError, match=r"ALiBi needs transformers >= 5\.24"):
+            hf_posenc.patch(model, "alibi")
+        assert not hf_posenc.is_patched(model)
+        return
+    results = {}
+    for backend in ("eager", "sdpa"):
+        with hf_posenc.patched(model, "alibi", attn_implementation=backend):
+            results[backend] = logits(model, x)
+    assert (results["eager"] - results["sdpa"]).abs().max() <= 1e-5
+    assert (results["eager"] - nope).abs().max() > 1e-6

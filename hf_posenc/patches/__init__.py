@@ -4,6 +4,7 @@ from .base import ArchitectureAdapter, get_adapter, list_architectures, register
 from .bloom import BloomAdapter
 from .gpt2 import GPT2Adapter
 from .gpt_neox import GPTNeoXAdapter
+from .gptj import GPTJFamilyAdapter
 from .handle import PatchHandle
 from .llama import LlamaFamilyAdapter
 from .opt import OPTAdapter
@@ -13,6 +14,7 @@ __all__ = [
     "ArchitectureAdapter",
     "BloomAdapter",
     "GPT2Adapter",
+    "GPTJFamilyAdapter",
     "GPTNeoXAdapter",
     "LlamaFamilyAdapter",
     "OPTAdapter",

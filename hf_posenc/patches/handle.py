@@ -145,11 +145,12 @@ class PatchHandle:
                     old = store[name]
                     break
         if isinstance(obj, nn.Module) and isinstance(old, nn.Module) and old is not value:
-            self._hold_original(obj, old)
+            self.hold_original(obj, old)
         setattr(obj, name, value)
         self._undo.append(SetAttr(obj, name, old))
 
-    def _hold_original(self, parent: nn.Module, original: nn.Module) -> None:
+    def hold_original(self, parent: nn.Module, original: nn.Module) -> None:
+        """Keep ``original`` (taken out of ``parent``) in step with ``parent``'s ``.to()``/``.half()``."""
         follower = parent.__dict__.get("_apply")
         if not isinstance(follower, OriginalsFollowApply):
             follower = OriginalsFollowApply(parent)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -53,6 +54,7 @@ class TableLayout:
     rotary_dim: int | None  # channels the tables cover when fewer than head_dim (a rotated prefix)
     layout: str
     native: RotaryScheme  # the model's own scheme for this type, resolved
+    sin_first: bool = False  # the module returns (sin, cos) (GPT-J, CodeGen)
 
     def info(self, base: ModelInfo) -> ModelInfo:
         return dataclasses.replace(
@@ -65,7 +67,9 @@ class TableLayout:
         )
 
     def module(self, scheme: Any, device: torch.device | None) -> PosencRotaryEmbedding:
-        return PosencRotaryEmbedding(scheme, self.head_dim, device, rotary_dim=self.rotary_dim, layout=self.layout)
+        return PosencRotaryEmbedding(
+            scheme, self.head_dim, device, rotary_dim=self.rotary_dim, layout=self.layout, sin_first=self.sin_first
+        )
 
 
 def config_head_dim(config: Any) -> int | None:
@@ -114,7 +118,7 @@ class RotaryFamilyAdapter(ArchitectureAdapter):
             return original.layouts
         config = text_config(model, decoder)
         self._check_single_rotary(model, decoder, config)
-        rope = getattr(config, "rope_parameters", None)
+        rope = self.rope_parameters(config)
         if not isinstance(rope, dict) or not rope:
             raise UnsupportedSchemeError(f"{config.model_type}: the config has no rope_parameters to reproduce.")
         per_type = "layer_type" in inspect.signature(original.forward).parameters
@@ -127,6 +131,10 @@ class RotaryFamilyAdapter(ArchitectureAdapter):
                 )
             return {t: self._match(original, rope[t], t, config) for t in types}
         return {None: self._match(original, rope, None, config)}
+
+    def rope_parameters(self, config: Any) -> dict | None:
+        """The rope parameters the family's tables are computed from (its config's)."""
+        return getattr(config, "rope_parameters", None)
 
     @staticmethod
     def _check_single_rotary(model: nn.Module, decoder: nn.Module, config: Any) -> None:
@@ -166,11 +174,12 @@ class RotaryFamilyAdapter(ArchitectureAdapter):
                 f"{where}: its rotary module does not return real (cos, sin) tables (complex-number rotary, as in "
                 "Llama-4 and DeepSeek-V2); hf_posenc does not patch it."
             )
-        cos, sin = (t.float() for t in out)
-        width = cos.shape[-1]
+        first, second = (t.float() for t in out)
+        width = first.shape[-1]
         head_dim = config_head_dim(config)
         base = self._base_info(config)
-        for layout in LAYOUTS:
+        for layout, sin_first in itertools.product(LAYOUTS, (False, True)):
+            cos, sin = (second, first) if sin_first else (first, second)
             pairs = width if layout == "half" else width // 2
             for dim in dict.fromkeys(d for d in (head_dim, 2 * pairs) if d):
                 if 2 * pairs > dim:
@@ -191,10 +200,11 @@ class RotaryFamilyAdapter(ArchitectureAdapter):
                 except (PosencError, RuntimeError, ValueError):
                     continue
                 if my_cos.shape == cos.shape and _close(my_cos, cos) and _close(my_sin, sin):
-                    return TableLayout(layer_type, dim, rotary_dim, layout, resolved)
+                    return TableLayout(layer_type, dim, rotary_dim, layout, resolved, sin_first)
         raise UnsupportedSchemeError(
             f"{where}: hf_posenc's rotary module cannot reproduce the model's own {type(original).__name__} tables "
-            f"from its rope_parameters (checked the cat, interleaved and half-width layouts at {length} positions), "
+            f"from its rope_parameters (checked the cat, interleaved and half-width layouts, either order, at {length} "
+            "positions), "
             "so it refuses to patch it rather than change it silently."
         )
 
@@ -262,18 +272,23 @@ class RotaryFamilyAdapter(ArchitectureAdapter):
             attns = self.interface_attentions(decoder, model.config)
             add_alibi_slopes(attns, scheme, model.config.num_attention_heads, handle, device)
         if scheme.kind == "absolute":
-            weight = decoder.get_input_embeddings().weight
-            table = absolute_module(scheme, model.config.hidden_size, dtype=weight.dtype, device=weight.device)
-            handle.set_attr(decoder, POSITIONS_ATTR, table)
-            install_position_context(decoder, handle, embed_attr=POSITIONS_ATTR)
+            self.install_absolute(decoder, scheme, model.config, handle)
         set_backend(model, handle, backend)
+
+    @staticmethod
+    def install_absolute(decoder: nn.Module, scheme: SchemeConfig, config: Any, handle: PatchHandle) -> None:
+        """An absolute scheme's table on the decoder, added to the input embeddings by its position context."""
+        weight = decoder.get_input_embeddings().weight
+        table = absolute_module(scheme, config.hidden_size, dtype=weight.dtype, device=weight.device)
+        handle.set_attr(decoder, POSITIONS_ATTR, table)
+        install_position_context(decoder, handle, embed_attr=POSITIONS_ATTR)
 
     def interface_attentions(self, decoder: nn.Module, config: Any) -> list[nn.Module]:
         """Every layer's attention module, when each computes attention through transformers' attention
         interface (so hf_posenc's registered ALiBi backends run) and uses nothing they do not implement;
         else :class:`UnsupportedSchemeError` saying which."""
         try:
-            attns = [self.attention(layer) for layer in self.require(decoder, "layers")]
+            attns = self.attentions(decoder)
         except PosencError as exc:
             raise UnsupportedSchemeError(
                 f"{config.model_type}: ALiBi needs an attention module in every layer ({exc})"
@@ -292,6 +307,10 @@ class RotaryFamilyAdapter(ArchitectureAdapter):
                     "not implement; ALiBi is refused here."
                 )
         return attns
+
+    def attentions(self, decoder: nn.Module) -> list[nn.Module]:
+        """Every layer's attention module."""
+        return [self.attention(layer) for layer in self.require(decoder, "layers")]
 
     def attention(self, layer: nn.Module) -> nn.Module:
         for name in ATTENTION_NAMES:

@@ -48,18 +48,21 @@ class PosencRotaryEmbedding(nn.Module):
         *,
         rotary_dim: int | None = None,
         layout: str = "cat",
+        sin_first: bool = False,
     ) -> None:
         """``rotary_dim``: emit tables only for the first ``rotary_dim`` channels (families whose attention
         rotates a prefix, such as GPT-NeoX); None pads to ``head_dim`` with identity pairs (LLaMA).
         ``layout``: how the family lays out its tables: ``cat`` (frequencies twice, transformers'
         default), ``interleave`` (each frequency twice in a row, Cohere/GLM) or ``half`` (each once,
-        GPT-OSS and GPT-J apply them to channel pairs themselves)."""
+        GPT-OSS and GPT-J apply them to channel pairs themselves). ``sin_first``: return ``(sin, cos)``,
+        the order GPT-J's and CodeGen's modules return."""
         super().__init__()
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.scheme = scheme
         self.head_dim = head_dim
         self.layout = layout
+        self.sin_first = sin_first
         self.pairs = (rotary_dim or head_dim) // 2
         inv_freq, scaling = self._frequencies(None)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
@@ -104,7 +107,8 @@ class PosencRotaryEmbedding(nn.Module):
                 cos, sin = cos * scale, sin * scale
             else:
                 cos, sin = cos * scaling, sin * scaling
-        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+        cos, sin = cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+        return (sin, cos) if self.sin_first else (cos, sin)
 
     def _lay_out(self, freqs: torch.Tensor) -> torch.Tensor:
         if self.layout == "cat":
@@ -114,7 +118,8 @@ class PosencRotaryEmbedding(nn.Module):
         return freqs
 
     def extra_repr(self) -> str:
-        return f"scheme={self.scheme.name}, head_dim={self.head_dim}, layout={self.layout}"
+        order = ", sin_first=True" if self.sin_first else ""
+        return f"scheme={self.scheme.name}, head_dim={self.head_dim}, layout={self.layout}{order}"
 
 
 class LayerTypeRotary(nn.Module):
