@@ -30,6 +30,20 @@ GRID_SCHEMES = [
     ("alibi", {}),
 ]
 
+HALF = 8  # rotary pairs of the tiny LLaMA heads (head_dim 16)
+#: every frequency scheme, partial rotary and bucketed dynamic NTK included (the common tester's second set)
+FREQUENCY_SCHEMES = [
+    ("nope", {}),
+    ("rope", {"partial_rotary_factor": 0.5}),
+    ("linear", {"factor": 2.0}),
+    ("ntk", {"factor": 2.0}),
+    ("dynamic_ntk", {"factor": 2.0}),
+    ("dynamic_ntk", {"factor": 2.0, "bucket_ratio": 1.25}),
+    ("yarn", {"factor": 4.0}),
+    ("longrope", {"short_factor": [1.0] * HALF, "long_factor": [1.0 + i for i in range(HALF)], "factor": 4.0}),
+    ("llama3", {"factor": 4.0}),
+]
+
 
 def tiny_config(model_type: str = "llama", **overrides):
     """A 2-layer, 4-head, 64-wide model of the given family (GQA 2 kv heads where the family has it)."""

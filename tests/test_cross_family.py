@@ -139,3 +139,29 @@ def test_flex_alibi_does_not_recompile_per_length():
     for length in range(17, 117, 10):  # ten lengths
         logits(model, tokens(1, length))
     assert counters["stats"]["unique_graphs"] - before <= 6
+
+
+def test_flex_compile_failure_runs_sdpa_with_the_same_numbers(monkeypatch):
+    """torch 2.13's CPU flex template mis-generates C++ for some dynamic-shape masks; such a call kind
+    then runs through the sdpa backend (mask made dense) with a warning, instead of crashing."""
+    from hf_posenc.patches import attention
+
+    def broken():
+        def fail(*args, **kwargs):
+            raise torch._dynamo.exc.BackendCompilerFailed(lambda *a: None, RuntimeError("C++ compile error"), None)
+
+        return fail
+
+    monkeypatch.setattr(attention, "_compiled_flex", broken)
+    monkeypatch.setattr(attention, "_FLEX_FAILED", set())
+    rows = [tokens(1, 50, seed=11)[0], tokens(1, 33, seed=12)[0]]
+    from properties import left_pad, logits
+
+    ids, mask = left_pad(rows)
+    out = {}
+    for backend in ("sdpa", "flex_attention"):
+        model = tiny_model("llama", attn="sdpa")
+        hf_posenc.patch(model, "alibi", attn_implementation=backend)
+        out[backend] = logits(model, ids, attention_mask=mask)
+    assert attention._FLEX_FAILED  # the flex call failed and was served by sdpa
+    assert max_diff(out["sdpa"], out["flex_attention"]) <= 1e-5

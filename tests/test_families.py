@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cache_kwargs, out_cache
+from properties import check_left_padding, check_model_made_cache_decode
 from transformers import AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import model_type_to_module_name
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -163,23 +163,15 @@ REPRESENTATIVES = ["qwen3", "phi", "gemma3_text", "smollm3", "cohere", "gpt_oss"
 def test_cached_decoding_and_left_padding_per_layout_class(model_type, scheme, params):
     model = build(model_type)
     hf_posenc.patch(model, scheme, **params)
+    check_deep_properties(model)
+
+
+def check_deep_properties(model) -> None:
+    """The common tester's checks on one family: decoding from the model's own cache equals a fresh
+    forward past the original context; a left-padded row equals the row alone."""
     x = torch.randint(2, 90, (2, CONTEXT + 16), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        cache = out_cache(model(x[:, : CONTEXT - 4], use_cache=True))
-        for t in range(CONTEXT - 4, x.shape[1]):
-            step = model(x[:, t : t + 1], use_cache=True, **cache_kwargs(model, cache))
-            cache = out_cache(step)
-        fresh = model(x, use_cache=False).logits[:, -1]
-    assert (step.logits[:, -1] - fresh).abs().max() <= 1e-4
-    # left padding: a short row padded on the left equals the same row alone
-    short = x[1:, :40]
-    padded = torch.cat([torch.zeros(1, 8, dtype=torch.long), short], dim=1)
-    mask = torch.cat([torch.zeros(1, 8, dtype=torch.long), torch.ones(1, 40, dtype=torch.long)], dim=1)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        alone = model(short, use_cache=False).logits
-        padded_out = model(padded, attention_mask=mask, position_ids=positions, use_cache=False).logits[:, 8:]
-    assert (alone - padded_out).abs().max() <= 1e-4
+    check_model_made_cache_decode(model, x, CONTEXT - 4)
+    check_left_padding(model, [x[0, :48], x[1, :40]], tol=1e-4)
 
 
 # -- ALiBi and absolute schemes on the generic families -------------------------------------------------
@@ -288,26 +280,11 @@ def test_sinusoid_table_families_equal_transformers_math_past_their_table(model_
 
 @pytest.mark.parametrize("model_type", TABLE_FAMILIES)
 def test_sinusoid_table_families_decode_and_pad_exactly(model_type):
-    """The deep properties on the custom layout class: cached decoding equals a fresh forward past the
-    table, left padding equals the row alone, for a static and a length-dependent scheme."""
+    """The deep properties on the custom layout class, for a static and a length-dependent scheme."""
     for scheme in ("yarn", "dynamic_ntk"):
         model = build(model_type)
         hf_posenc.patch(model, scheme, factor=2.0)
-        x = torch.randint(2, 90, (2, CONTEXT + 16), generator=torch.Generator().manual_seed(3))
-        with torch.no_grad():
-            cache = out_cache(model(x[:, : CONTEXT - 4], use_cache=True))
-            for t in range(CONTEXT - 4, x.shape[1]):
-                step = model(x[:, t : t + 1], use_cache=True, **cache_kwargs(model, cache))
-                cache = out_cache(step)
-            fresh = model(x, use_cache=False).logits[:, -1]
-        assert (step.logits[:, -1] - fresh).abs().max() <= 1e-4, scheme
-        short = x[1:, :40]
-        padded = torch.cat([torch.zeros(1, 8, dtype=torch.long), short], dim=1)
-        mask = torch.cat([torch.zeros(1, 8, dtype=torch.long), torch.ones(1, 40, dtype=torch.long)], dim=1)
-        with torch.no_grad():
-            alone = model(short, use_cache=False).logits
-            out = model(padded, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False)
-        assert (alone - out.logits[:, 8:]).abs().max() <= 1e-4, scheme
+        check_deep_properties(model)
 
 
 @pytest.mark.parametrize("model_type", TABLE_FAMILIES)

@@ -4,9 +4,16 @@ stand-in in ``flash_reference``: the same properties as the common tester, again
 from __future__ import annotations
 
 import pytest
-import test_grid
 import torch
-from conftest import max_diff, tiny_model, tokens
+from conftest import ORIGINAL_LENGTH, max_diff, tiny_model, tokens
+from properties import (
+    check_cache_decode,
+    check_left_padding,
+    check_packing,
+    check_shift_invariance,
+    logits,
+    patched_model,
+)
 
 import hf_posenc
 
@@ -28,31 +35,33 @@ pytestmark = pytest.mark.usefixtures("fake_flash")
 @pytest.mark.parametrize(("arch", "scheme", "params"), CELLS, ids=IDS)
 def test_flash_agrees_with_eager(arch, scheme, params, fake_flash):
     x = tokens(2, 90)
-    out = {b: test_grid.logits(test_grid.patched_model(arch, scheme, params, b), x) for b in ("eager", FLASH)}
+    out = {b: logits(patched_model(arch, scheme, params, b), x) for b in ("eager", FLASH)}
     assert max_diff(out["eager"], out[FLASH]) <= 1e-5
     assert fake_flash.calls == [("dense", 2, scheme == "alibi")] * 2  # one call per layer, no fallback
 
 
 @pytest.mark.parametrize(("arch", "scheme", "params"), CELLS, ids=IDS)
 def test_flash_cache_decode_equals_fresh_forward(arch, scheme, params):
-    test_grid.test_cache_decode_equals_fresh_forward(arch, scheme, params, FLASH)
+    check_cache_decode(patched_model(arch, scheme, params, FLASH), ORIGINAL_LENGTH - 6, ORIGINAL_LENGTH + 12)
 
 
 @pytest.mark.parametrize(("arch", "scheme", "params"), CELLS, ids=IDS)
 def test_flash_left_padding_equals_unpadded(arch, scheme, params, fake_flash):
-    test_grid.test_left_padding_equals_unpadded(arch, scheme, params, FLASH)
+    rows = [tokens(1, 50, seed=11)[0], tokens(1, 33, seed=12)[0]]
+    check_left_padding(patched_model(arch, scheme, params, FLASH), rows, positions=arch != "bloom")
     assert ("varlen", 2, scheme == "alibi") in fake_flash.calls  # the padded batch went through varlen
 
 
 @pytest.mark.parametrize(("arch", "scheme", "params"), CELLS, ids=IDS)
 def test_flash_packed_sequences_equal_separate(arch, scheme, params, fake_flash):
-    test_grid.test_packed_sequences_equal_separate(arch, scheme, params, FLASH)
+    docs = [tokens(1, 30, seed=31)[0], tokens(1, 20, seed=32)[0]]
+    check_packing(patched_model(arch, scheme, params, FLASH), docs)
     assert ("varlen", 2, scheme == "alibi") in fake_flash.calls  # two documents, one varlen call
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bloom"])
 def test_flash_alibi_is_shift_invariant(arch):
-    test_grid.test_relative_schemes_are_shift_invariant(arch, "alibi", {}, FLASH)
+    check_shift_invariance(patched_model(arch, "alibi", {}, FLASH))
 
 
 def test_flash_generate_matches_eager():
@@ -88,9 +97,9 @@ def test_flash_left_padded_generate_matches_eager(arch, fake_flash):
 def test_flash_unpatch_restores_backend():
     model = tiny_model("llama", attn="sdpa")
     x = tokens(1, 30)
-    before = test_grid.logits(model, x)
+    before = logits(model, x)
     hf_posenc.patch(model, "alibi", attn_implementation=FLASH)
     assert model.config._attn_implementation == "hf_posenc_flash_attention_2"
     hf_posenc.unpatch(model)
     assert model.config._attn_implementation == "sdpa"
-    assert torch.equal(test_grid.logits(model, x), before)
+    assert torch.equal(logits(model, x), before)

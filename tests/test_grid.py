@@ -1,37 +1,63 @@
-"""The common tester: every scheme on every architecture (GPT-2, LLaMA, BLOOM) and backend."""
+"""The common tester: one set of property tests over every cell of family x scheme x backend.
+
+Two sets of cells: the grid (GPT-2, LLaMA, BLOOM, GPT-NeoX, OPT x one scheme of every kind x eager,
+sdpa and flex attention) and the frequency cells (every frequency scheme, partial rotary and bucketed
+dynamic NTK included, on LLaMA, Mistral and Qwen2). The checks themselves live in ``properties.py``;
+``test_flash.py`` and ``test_families.py`` run the same checks on their own cells.
+"""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from conftest import GRID_ARCHS, GRID_SCHEMES, ORIGINAL_LENGTH, cache_kwargs, max_diff, tiny_model, tokens
-from transformers import DynamicCache
+from conftest import (
+    FREQUENCY_SCHEMES,
+    GRID_ARCHS,
+    GRID_SCHEMES,
+    LLAMA_FAMILY,
+    ORIGINAL_LENGTH,
+    max_diff,
+    tiny_model,
+    tokens,
+)
+from properties import (
+    check_cache_decode,
+    check_left_padding,
+    check_packing,
+    check_position_free,
+    check_shift_invariance,
+    logits,
+    patched_model,
+)
 
 import hf_posenc
 
-SCHEMES = GRID_SCHEMES
 BACKENDS = ("eager", "sdpa", "flex_attention")
-GRID = [(a, s, p, b) for a in GRID_ARCHS for s, p in SCHEMES for b in BACKENDS]
-IDS = [f"{a}-{s}-{b}" for a, s, _, b in GRID]
+LENGTH_DEPENDENT = ("dynamic_ntk", "longrope")
+RELATIVE = ("rope", "linear", "ntk", "yarn", "llama3", "alibi")
+
+GRID = [(a, s, p, b) for a in GRID_ARCHS for s, p in GRID_SCHEMES for b in BACKENDS]
+FREQUENCY = [(t, s, p, "sdpa") for t in LLAMA_FAMILY for s, p in FREQUENCY_SCHEMES]
+CELLS = GRID + FREQUENCY
+
+
+def ids(cells) -> list[str]:
+    out = []
+    for cell in cells:
+        name = f"{cell[0]}-{cell[1]}-{cell[3]}"
+        n = sum(o == name or o.startswith(name + "#") for o in out)
+        out.append(f"{name}#{n}" if n else name)
+    return out
+
+
 # FlexAttention has no backward on CPU: training with flex is measured on a GPU (docs/gpu_benchmarks.md)
 TRAIN_GRID = [g for g in GRID if g[3] != "flex_attention"]
-RELATIVE = ("rope", "yarn", "alibi")
+REL = [c for c in CELLS if c[1] in RELATIVE]
 
 
-def patched_model(arch, scheme, params, backend, **overrides):
-    model = tiny_model(arch, attn="eager" if arch == "bloom" else "sdpa", **overrides)
-    hf_posenc.patch(model, scheme, attn_implementation=backend, **params)
-    return model
-
-
-def logits(model, x, **kw):
-    with torch.no_grad():
-        return model(x, **kw).logits
-
-
-@pytest.mark.parametrize(
-    ("arch", "scheme", "params", "backend"), TRAIN_GRID, ids=[f"{a}-{s}-{b}" for a, s, _, b in TRAIN_GRID]
-)
+@pytest.mark.parametrize(("arch", "scheme", "params", "backend"), TRAIN_GRID, ids=ids(TRAIN_GRID))
 def test_forward_backward_unpatch(arch, scheme, params, backend):
     model = tiny_model(arch)
     x = tokens(2, 100)  # past GPT-2's 64-row table: only the patched model can run it
@@ -58,68 +84,55 @@ def test_forward_backward_unpatch(arch, scheme, params, backend):
     assert model.config._attn_implementation == "eager"
 
 
-@pytest.mark.parametrize(("arch", "scheme", "params", "backend"), GRID, ids=IDS)
+@pytest.mark.parametrize(("arch", "scheme", "params", "backend"), FREQUENCY, ids=ids(FREQUENCY))
+def test_unpatch_restores_config_modules_and_logits(arch, scheme, params, backend):
+    model = tiny_model(arch)
+    x = tokens(2, 2 * ORIGINAL_LENGTH)
+    before = logits(model, x)
+    config_before = copy.deepcopy(model.config.to_dict())
+    modules_before = dict(model.named_modules())
+    hf_posenc.patch(model, scheme, attn_implementation=backend, **params)
+    assert not torch.equal(logits(model, x), before) or scheme == "rope"
+    hf_posenc.unpatch(model)
+    assert torch.equal(logits(model, x), before)
+    assert model.config.to_dict() == config_before
+    assert dict(model.named_modules()) == modules_before
+    assert "forward" not in model.model.__dict__
+
+
+@pytest.mark.parametrize(("arch", "scheme", "params", "backend"), CELLS, ids=ids(CELLS))
 def test_cache_decode_equals_fresh_forward(arch, scheme, params, backend):
-    model = patched_model(arch, scheme, params, backend)
-    x = tokens(2, ORIGINAL_LENGTH + 12, seed=3)
-    cache = DynamicCache(config=model.config)
-    prompt = ORIGINAL_LENGTH - 6
-    with torch.no_grad():
-        model(x[:, :prompt], use_cache=True, **cache_kwargs(model, cache))
-        for t in range(prompt, x.shape[1]):
-            step = model(x[:, t : t + 1], use_cache=True, **cache_kwargs(model, cache)).logits[:, -1]
-            fresh = model(x[:, : t + 1], use_cache=False).logits[:, -1]
-            assert max_diff(step, fresh) <= 1e-5, t
+    # crosses the original length (64), where dynamic / longrope change their frequencies
+    check_cache_decode(patched_model(arch, scheme, params, backend), ORIGINAL_LENGTH - 6, ORIGINAL_LENGTH + 12)
 
 
-@pytest.mark.parametrize(("arch", "scheme", "params", "backend"), GRID, ids=IDS)
+@pytest.mark.parametrize(("arch", "scheme", "params", "backend"), CELLS, ids=ids(CELLS))
 def test_left_padding_equals_unpadded(arch, scheme, params, backend):
     model = patched_model(arch, scheme, params, backend)
-    rows = [tokens(1, 50, seed=11)[0], tokens(1, 33, seed=12)[0]]
-    width = max(len(r) for r in rows)
-    ids = torch.zeros((2, width), dtype=torch.long)
-    mask = torch.zeros((2, width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
-    kw = {} if arch == "bloom" else {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
-    padded = logits(model, ids, attention_mask=mask, **kw)
-    for i, r in enumerate(rows):
-        assert max_diff(padded[i, -len(r) :], logits(model, r[None])[0]) <= 1e-5
+    # past the original context; a length-dependent scheme's rows stay inside it (one scale for the batch)
+    lengths = (50, 33) if scheme in LENGTH_DEPENDENT else (90, 57)
+    rows = [tokens(1, n, seed=11 + i)[0] for i, n in enumerate(lengths)]
+    check_left_padding(model, rows, positions=arch != "bloom")
 
 
-@pytest.mark.parametrize(("arch", "scheme", "params", "backend"), GRID, ids=IDS)
+@pytest.mark.parametrize(("arch", "scheme", "params", "backend"), CELLS, ids=ids(CELLS))
 def test_packed_sequences_equal_separate(arch, scheme, params, backend):
-    model = patched_model(arch, scheme, params, backend)
-    docs = [tokens(1, 30, seed=31)[0], tokens(1, 20, seed=32)[0]]
-    position_ids = torch.cat([torch.arange(len(d)) for d in docs])[None]
-    out = logits(model, torch.cat(docs)[None], position_ids=position_ids, use_cache=False)
-    start = 0
-    for d in docs:
-        assert max_diff(out[0, start : start + len(d)], logits(model, d[None], use_cache=False)[0]) <= 1e-5
-        start += len(d)
+    docs = [tokens(1, 40, seed=31)[0], tokens(1, 24, seed=32)[0]]  # each shorter than the original length
+    check_packing(patched_model(arch, scheme, params, backend), docs)
 
 
-REL = [g for g in GRID if g[1] in RELATIVE]
-
-
-@pytest.mark.parametrize(("arch", "scheme", "params", "backend"), REL, ids=[f"{a}-{s}-{b}" for a, s, _, b in REL])
+@pytest.mark.parametrize(("arch", "scheme", "params", "backend"), REL, ids=ids(REL))
 def test_relative_schemes_are_shift_invariant(arch, scheme, params, backend):
-    model = patched_model(arch, scheme, params, backend)
-    x = tokens(1, 40)
-    base = torch.arange(40)[None]
-    assert max_diff(logits(model, x, position_ids=base), logits(model, x, position_ids=base + 17)) <= 1e-4
+    check_shift_invariance(patched_model(arch, scheme, params, backend))
 
 
-@pytest.mark.parametrize("arch", GRID_ARCHS)
+@pytest.mark.parametrize("arch", (*GRID_ARCHS, "qwen2"))
 def test_nope_is_position_free(arch):
-    model = patched_model(arch, "nope", {}, "eager")
-    x = tokens(2, 40)
-    shuffled = torch.randint(0, 50, (2, 40))
-    assert torch.equal(logits(model, x), logits(model, x, position_ids=shuffled))
+    check_position_free(patched_model(arch, "nope", {}, "eager"))
 
 
 @pytest.mark.parametrize("arch", GRID_ARCHS)
-@pytest.mark.parametrize(("scheme", "params"), SCHEMES, ids=[s for s, _ in SCHEMES])
+@pytest.mark.parametrize(("scheme", "params"), GRID_SCHEMES, ids=[s for s, _ in GRID_SCHEMES])
 def test_backends_agree(arch, scheme, params):
     x = tokens(2, 90)
     out = {b: logits(patched_model(arch, scheme, params, b), x) for b in BACKENDS}
@@ -127,8 +140,15 @@ def test_backends_agree(arch, scheme, params):
     assert max_diff(out["eager"], out["flex_attention"]) <= 1e-5
 
 
+@pytest.mark.parametrize(("arch", "scheme", "params", "backend"), FREQUENCY, ids=ids(FREQUENCY))
+def test_frequency_schemes_agree_on_eager_and_sdpa(arch, scheme, params, backend):
+    x = tokens(2, 100)
+    out = {b: logits(patched_model(arch, scheme, params, b), x) for b in ("eager", "sdpa")}
+    assert max_diff(out["eager"], out["sdpa"]) <= 1e-5
+
+
 @pytest.mark.parametrize("arch", GRID_ARCHS)
-@pytest.mark.parametrize(("scheme", "params"), SCHEMES, ids=[s for s, _ in SCHEMES])
+@pytest.mark.parametrize(("scheme", "params"), GRID_SCHEMES, ids=[s for s, _ in GRID_SCHEMES])
 def test_save_and_reload(tmp_path, arch, scheme, params):
     model = patched_model(arch, scheme, params, "sdpa")
     x = tokens(2, 90)

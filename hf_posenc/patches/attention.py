@@ -131,6 +131,43 @@ def _compiled_flex():
     return torch.compile(_flex)
 
 
+#: (device type, mask kind) whose flex compile failed in this process (torch 2.13's CPU flex template
+#: mis-generates C++ for some dynamic-shape masks)
+_FLEX_FAILED: set[tuple[str, str]] = set()
+
+
+def _compile_failures() -> tuple[type[BaseException], ...]:
+    failures = [torch._dynamo.exc.BackendCompilerFailed]
+    inductor = getattr(getattr(torch, "_inductor", None), "exc", None)
+    if inductor is not None and hasattr(inductor, "InductorError"):
+        failures.append(inductor.InductorError)
+    return tuple(failures)
+
+
+def _flex_failed(kind: tuple[str, str]) -> None:
+    import warnings
+
+    from ..errors import PosencWarning
+
+    _FLEX_FAILED.add(kind)
+    warnings.warn(
+        f"flex attention failed to compile for {kind[1]} masks on {kind[0]}; those calls now run through "
+        "hf_posenc's sdpa backend with the mask made dense (same numbers, O(L^2) mask memory).",
+        PosencWarning,
+        stacklevel=3,
+    )
+
+
+def _sdpa_instead(module, query, key, value, attention_mask, scaling, kwargs) -> tuple[torch.Tensor, None]:
+    """The same attention through the sdpa backend (a BlockMask evaluated into a dense boolean mask)."""
+    from torch.nn.attention.flex_attention import BlockMask, create_mask
+
+    if isinstance(attention_mask, BlockMask):
+        batch, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
+        attention_mask = create_mask(attention_mask.mask_mod, batch, 1, q_len, kv_len, device=query.device)
+    return sdpa_alibi_attention(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+
 def flex_alibi_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -150,6 +187,10 @@ def flex_alibi_attention(
         )
     block_mask = attention_mask if isinstance(attention_mask, BlockMask) else None
     dense_mask = None if block_mask is not None or attention_mask is None else attention_mask
+    kind = (query.device.type, "block" if block_mask is not None else "dense" if dense_mask is not None else "no")
+    if kind in _FLEX_FAILED:
+        return _sdpa_instead(module, query, key, value, attention_mask, scaling, kwargs)
+    original = (query, key, value)
     slopes = _slopes(module)
     offset = torch.tensor(key.shape[2] - query.shape[2], device=query.device)
     if slopes is not None:
@@ -169,7 +210,11 @@ def flex_alibi_attention(
         key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
     query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
     with recompile_headroom():
-        out = _compiled_flex()(query, key, value, score_mod, block_mask, scaling, enable_gqa)
+        try:
+            out = _compiled_flex()(query, key, value, score_mod, block_mask, scaling, enable_gqa)
+        except _compile_failures():
+            _flex_failed(kind)
+            return _sdpa_instead(module, *original, attention_mask, scaling, kwargs)
     return out.transpose(1, 2).contiguous(), None
 
 
