@@ -25,9 +25,11 @@ from .errors import (
 )
 from .loading import from_pretrained
 from .patches import PatchHandle, list_architectures, refresh_count
+from .patches.shifted import enable_s2_attn
 from .schemes import SchemeConfig, list_schemes
 
 __all__ = [
+    "enable_s2_attn",
     "AlreadyPatchedError",
     "CacheRefreshError",
     "CheckpointNotFoundError",

@@ -43,6 +43,13 @@ FREQUENCY_SCHEMES = [
     ("longrope", {"short_factor": [1.0] * HALF, "long_factor": [1.0 + i for i in range(HALF)], "factor": 4.0}),
     ("llama3", {"factor": 4.0}),
 ]
+#: the attention-level windowed schemes (W % G != 0 included; leaky ReRoPE; Self-Extend over YaRN)
+WINDOWED_SCHEMES = [
+    ("self_extend", {"group_size": 4, "window_size": 16}),
+    ("self_extend", {"group_size": 3, "window_size": 8, "rope": {"scheme": "yarn", "factor": 2.0}}),
+    ("rerope", {"window_size": 16}),
+    ("rerope", {"window_size": 16, "leak": 4.0}),
+]
 
 
 def tiny_config(model_type: str = "llama", **overrides):

@@ -123,9 +123,9 @@ def test_llama_alibi_changes_no_weights_and_adds_no_parameters():
     names = [n for n, _ in model.named_parameters()]
     hf_posenc.patch(model, "alibi")
     assert [n for n, _ in model.named_parameters()] == names
-    slopes = model.model.layers[0].self_attn.hf_posenc_alibi_slopes
+    slopes = model.model.layers[0].self_attn.hf_posenc_attention_term.slopes
     assert torch.equal(slopes, alibi_slopes(4))
-    assert "hf_posenc_alibi_slopes" not in "".join(model.state_dict())
+    assert "hf_posenc" not in "".join(model.state_dict())
 
 
 def test_flex_alibi_does_not_recompile_per_length():

@@ -1,8 +1,9 @@
 """The common tester: one set of property tests over every cell of family x scheme x backend.
 
-Two sets of cells: the grid (GPT-2, LLaMA, BLOOM, GPT-NeoX, OPT x one scheme of every kind x eager,
-sdpa and flex attention) and the frequency cells (every frequency scheme, partial rotary and bucketed
-dynamic NTK included, on LLaMA, Mistral and Qwen2). The checks themselves live in ``properties.py``;
+Three sets of cells: the grid (GPT-2, LLaMA, BLOOM, GPT-NeoX, OPT x one scheme of every kind x eager,
+sdpa and flex attention), the frequency cells (every frequency scheme, partial rotary and bucketed
+dynamic NTK included, on LLaMA, Mistral and Qwen2) and the windowed cells (Self-Extend and ReRoPE on
+LLaMA with every backend, and on Mistral with GQA). The checks themselves live in ``properties.py``;
 ``test_flash.py`` and ``test_families.py`` run the same checks on their own cells.
 """
 
@@ -18,6 +19,7 @@ from conftest import (
     GRID_SCHEMES,
     LLAMA_FAMILY,
     ORIGINAL_LENGTH,
+    WINDOWED_SCHEMES,
     max_diff,
     tiny_model,
     tokens,
@@ -36,11 +38,14 @@ import hf_posenc
 
 BACKENDS = ("eager", "sdpa", "flex_attention")
 LENGTH_DEPENDENT = ("dynamic_ntk", "longrope")
-RELATIVE = ("rope", "linear", "ntk", "yarn", "llama3", "alibi")
+RELATIVE = ("rope", "linear", "ntk", "yarn", "llama3", "alibi", "rerope")  # not self_extend: it groups i // G
 
 GRID = [(a, s, p, b) for a in GRID_ARCHS for s, p in GRID_SCHEMES for b in BACKENDS]
 FREQUENCY = [(t, s, p, "sdpa") for t in LLAMA_FAMILY for s, p in FREQUENCY_SCHEMES]
-CELLS = GRID + FREQUENCY
+WINDOWED = [("llama", s, p, b) for s, p in WINDOWED_SCHEMES for b in BACKENDS] + [
+    ("mistral", s, p, "sdpa") for s, p in WINDOWED_SCHEMES
+]
+CELLS = GRID + FREQUENCY + WINDOWED
 
 
 def ids(cells) -> list[str]:

@@ -425,3 +425,30 @@ def test_a_finished_run_without_checkpoints_is_not_overwritten_by_another_recipe
     shutil.rmtree(out / "final")  # a run that left nothing to keep (no checkpoint, no final/) starts over
     train(load_config(PI2, ["steps=2", "batch_size=2", f"output_dir={out}", *RESUME_FAST]), progress=False)
     assert load_config(out / "config.yaml").batch_size == 2 and [m["step"] for m in metrics(out)] == [1, 2]
+
+
+def test_s2_attn_recipe_trains_grouped_and_saves_full_attention(tmp_path):
+    """attention: s2_attn trains with LongLoRA's shifted groups (the losses differ from full attention's)
+    and saves a model that attends fully: no hf_posenc attention backend or term is left in it."""
+    config = ROOT / "recipes" / "configs" / "llama" / "tiny_pi2_full.yaml"
+    runs = {}
+    for attention in ("full", "s2_attn"):
+        out = tmp_path / attention
+        cfg = load_config(
+            config, ["steps=3", "log_every=1", "max_tokens=30000", f"attention={attention}", f"output_dir={out}"]
+        )
+        result = train(cfg, progress=False)
+        runs[attention] = [m["loss"] for m in metrics(out)]
+        model = hf_posenc.from_pretrained(result.final_dir)
+        assert not model.config._attn_implementation.startswith("hf_posenc_")
+        assert not any("attention_term" in name for name, _ in model.named_modules())
+    assert all(map(torch.isfinite, torch.tensor(runs["s2_attn"])))
+    assert runs["full"] != pytest.approx(runs["s2_attn"], abs=1e-6)  # grouped attention trained
+
+
+def test_s2_attn_recipe_checks_its_group():
+    config = ROOT / "recipes" / "configs" / "llama" / "tiny_pi2_full.yaml"
+    with pytest.raises(hf_posenc.InvalidParameterError, match="dividing the sequence length"):
+        load_config(config, ["attention=s2_attn", "s2_group_fraction=0.3"])
+    with pytest.raises(hf_posenc.InvalidParameterError, match="attention must be one of"):
+        load_config(config, ["attention=sparse"])

@@ -1,11 +1,8 @@
-"""Attention functions registered with transformers' ``AttentionInterface`` for ALiBi on any family.
+"""ALiBi's attention term, and the attention functions of every hf_posenc backend (with no term they
+run plain attention; see :mod:`.backends` for the registration and the extension point).
 
-Registered once under ``hf_posenc_eager``, ``hf_posenc_sdpa``, ``hf_posenc_flex_attention`` and
-``hf_posenc_flash_attention_2`` (see :mod:`.flash`), each with the mask function of its base backend
-(a custom name without one would receive no mask at all).
-A model uses them only after an adapter points *its own* config at one of these names; the function
-reads the ALiBi slopes from the attention module it is called with (a buffer the adapter added), so
-two models in one process never share state.
+The functions read the ALiBi slopes from the term on the attention module they are called with (the
+adapter installed it), so two models in one process never share state.
 
 - eager: scores + dense bias + mask, softmax in fp32 (the reference path).
 - sdpa: transformers' sdpa with the bias as ``position_bias`` (a materialised (1, H, q, kv) float
@@ -22,34 +19,28 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AttentionInterface
-from transformers.masking_utils import (
-    AttentionMaskInterface,
-    eager_mask,
-    flash_attention_mask,
-    flex_attention_mask,
-    sdpa_mask,
-)
 
 from .._compat import recompile_headroom
 from ..schemes.alibi import alibi_bias
+from .backends import AttentionTerm, term_of
 from .flash import flash_alibi_attention
 
-SLOPES_BUFFER = "hf_posenc_alibi_slopes"
-BACKENDS = ("eager", "sdpa", "flex_attention")
-PREFIX = "hf_posenc_"
 
+class AlibiTerm(AttentionTerm):
+    """ALiBi on one attention module: its per-head slopes (a non-persistent buffer, so it follows
+    ``.to()`` and is not saved); every backend adds ``-slope * distance`` its own way."""
 
-def registered_name(backend: str) -> str:
-    return PREFIX + backend
+    def __init__(self, slopes: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("slopes", slopes, persistent=False)
 
-
-def base_backend(name: str) -> str:
-    return name[len(PREFIX) :] if name.startswith(PREFIX) else name
+    def attend(self, backend, module, query, key, value, attention_mask, **kwargs):
+        return FUNCTIONS[backend](module, query, key, value, attention_mask, **kwargs)
 
 
 def _slopes(module: nn.Module) -> torch.Tensor | None:
-    return getattr(module, SLOPES_BUFFER, None)
+    term = term_of(module)
+    return term.slopes if isinstance(term, AlibiTerm) else None
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -133,7 +124,7 @@ def _compiled_flex():
 
 #: (device type, mask kind) whose flex compile failed in this process (torch 2.13's CPU flex template
 #: mis-generates C++ for some dynamic-shape masks)
-_FLEX_FAILED: set[tuple[str, str]] = set()
+_FLEX_FAILED: set[tuple[str, str]] = set()  # (device type, what failed)
 
 
 def _compile_failures() -> tuple[type[BaseException], ...]:
@@ -151,8 +142,8 @@ def _flex_failed(kind: tuple[str, str]) -> None:
 
     _FLEX_FAILED.add(kind)
     warnings.warn(
-        f"flex attention failed to compile for {kind[1]} masks on {kind[0]}; those calls now run through "
-        "hf_posenc's sdpa backend with the mask made dense (same numbers, O(L^2) mask memory).",
+        f"flex attention failed to compile for {kind[1]} on {kind[0]}; those calls now run through the dense "
+        "path with the mask made dense (same numbers, O(L^2) memory).",
         PosencWarning,
         stacklevel=3,
     )
@@ -187,7 +178,8 @@ def flex_alibi_attention(
         )
     block_mask = attention_mask if isinstance(attention_mask, BlockMask) else None
     dense_mask = None if block_mask is not None or attention_mask is None else attention_mask
-    kind = (query.device.type, "block" if block_mask is not None else "dense" if dense_mask is not None else "no")
+    mask_kind = "block" if block_mask is not None else "dense" if dense_mask is not None else "no"
+    kind = (query.device.type, f"{mask_kind} masks")
     if kind in _FLEX_FAILED:
         return _sdpa_instead(module, query, key, value, attention_mask, scaling, kwargs)
     original = (query, key, value)
@@ -224,17 +216,5 @@ FUNCTIONS = {
     "flex_attention": flex_alibi_attention,
     "flash_attention_2": flash_alibi_attention,
 }
-_MASKS = {
-    "eager": eager_mask,
-    "sdpa": sdpa_mask,
-    "flex_attention": flex_attention_mask,
-    "flash_attention_2": flash_attention_mask,
-}
-
-
-@functools.cache
-def register_backends() -> None:
-    """Register the functions and their mask functions with transformers (idempotent)."""
-    for backend, fn in FUNCTIONS.items():
-        AttentionInterface.register(registered_name(backend), fn)
-        AttentionMaskInterface.register(registered_name(backend), _MASKS[backend])
+#: plain attention (no term) on every backend: the same functions, which find no slopes
+PLAIN_FUNCTIONS = FUNCTIONS

@@ -19,6 +19,7 @@ from ..errors import HookPointMissingError, UnsupportedSchemeError
 from ..schemes.alibi import AlibiConfig
 from ..schemes.base import ModelInfo, SchemeConfig
 from . import attention
+from .backends import base_backend
 from .base import ArchitectureAdapter, register_architecture
 from .common import (
     POSITIONS_ATTR,
@@ -163,7 +164,7 @@ class BloomAdapter(ArchitectureAdapter):
         if scheme.kind == "alibi":
             add_alibi_slopes(attns, scheme, info.num_attention_heads, handle, weight.device)
         handle.set_attr(decoder, "build_alibi_tensor", bound_call(StateAsAlibi(context)))
-        backend = attention.base_backend(name)
+        backend = base_backend(name)
         for attn in attns:
             handle.set_attr(attn, "forward", bound_call(BloomAttentionForward(attn, backend)))
         set_backend(model, handle, name)

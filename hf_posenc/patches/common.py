@@ -12,10 +12,10 @@ from ..errors import UnsupportedSchemeError
 from ..schemes.absolute import LearnedConfig, SinusoidalConfig, extend_table
 from ..schemes.alibi import AlibiConfig
 from ..schemes.base import ModelInfo, SchemeConfig
-from . import attention
+from . import backends
+from .backends import FLASH, TERM_ATTR, term_class
 from .context import DecoderPositions, install_position_context
 from .embeddings import LearnedPositions, RotaryAttention, SinusoidalPositions, ZeroPositions
-from .flash import NAME as FLASH
 from .flash import flash_available
 from .handle import PatchHandle
 from .refresh import install_cache_refresh, needs_cache_refresh
@@ -41,7 +41,7 @@ def positional_family_info(config, max_positions: int | None) -> ModelInfo:
 
 
 def current_backend(config) -> str:
-    return attention.base_backend(getattr(config, "_attn_implementation", None) or "eager")
+    return backends.base_backend(getattr(config, "_attn_implementation", None) or "eager")
 
 
 def choose_backend(config, requested: str | None, *, needs_hook: bool) -> str | None:
@@ -49,7 +49,7 @@ def choose_backend(config, requested: str | None, *, needs_hook: bool) -> str | 
     None to leave it. ``needs_hook``: the scheme needs hf_posenc's registered functions (ALiBi, or a
     family whose attention hf_posenc computes itself)."""
     backend = requested or current_backend(config)
-    hosts = (*attention.BACKENDS, FLASH)
+    hosts = (*backends.BACKENDS, FLASH)
     if needs_hook:
         if backend not in hosts:
             raise UnsupportedSchemeError(
@@ -58,15 +58,15 @@ def choose_backend(config, requested: str | None, *, needs_hook: bool) -> str | 
         if backend == FLASH and not flash_available():
             raise UnsupportedSchemeError(
                 f"attn_implementation={FLASH!r} needs the flash-attn package (pip install flash-attn, on a "
-                f"GPU); or choose one of {', '.join(attention.BACKENDS)}."
+                f"GPU); or choose one of {', '.join(backends.BACKENDS)}."
             )
-        attention.register_backends()
-        return attention.registered_name(backend)
+        backends.register_backends()
+        return backends.registered_name(backend)
     if requested is None:
         return None
-    if backend in attention.BACKENDS:  # registered names also serve families whose built-in flex is refused
-        attention.register_backends()
-        return attention.registered_name(backend)
+    if backend in backends.BACKENDS:  # registered names also serve families whose built-in flex is refused
+        backends.register_backends()
+        return backends.registered_name(backend)
     if backend not in PLAIN_BACKENDS:
         raise UnsupportedSchemeError(
             f"Unknown attn_implementation {backend!r}; choose one of {', '.join(PLAIN_BACKENDS)}."
@@ -80,7 +80,7 @@ def set_backend(model: nn.Module, handle: PatchHandle, name: str | None) -> None
 
 
 def is_flash(name: str | None) -> bool:
-    return name is not None and attention.base_backend(name) == FLASH
+    return name is not None and backends.base_backend(name) == FLASH
 
 
 def add_alibi_slopes(
@@ -88,7 +88,14 @@ def add_alibi_slopes(
 ) -> None:
     slopes = scheme.slopes(num_heads).to(device)
     for module in modules:
-        handle.add_buffer(module, attention.SLOPES_BUFFER, slopes.clone())
+        add_attention_term(module, term_class("alibi")(slopes.clone()), handle)
+
+
+def add_attention_term(module: nn.Module, term: nn.Module, handle: PatchHandle) -> None:
+    """Install an attention-level scheme's term on one attention module (removed on unpatch)."""
+    if TERM_ATTR in module._modules:
+        raise RuntimeError(f"{type(module).__name__} already has an hf_posenc attention term")
+    handle.set_attr(module, TERM_ATTR, term)
 
 
 def absolute_module(

@@ -115,7 +115,7 @@ class GPTJFamilyAdapter(RotaryFamilyAdapter):
 
     name: ClassVar[str] = "gptj"
     model_types: ClassVar[tuple[str, ...]] = ("gptj", "codegen")
-    kinds: ClassVar[tuple[str, ...]] = ("rotary", "none", "alibi", "absolute")
+    kinds: ClassVar[tuple[str, ...]] = ("rotary", "none", "alibi", "absolute")  # half-width: no windowed
     fallback: ClassVar[bool] = False
 
     def rope_parameters(self, config: Any) -> dict | None:

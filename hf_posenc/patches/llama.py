@@ -27,12 +27,24 @@ from ..errors import PosencError, UnsupportedSchemeError
 from ..schemes.base import ModelInfo, SchemeConfig
 from ..schemes.nope import NoPEConfig
 from ..schemes.rope import RotaryScheme, scheme_from_rope_parameters
+from .backends import base_backend
 from .base import ArchitectureAdapter, register_architecture
-from .common import POSITIONS_ATTR, absolute_module, add_alibi_slopes, choose_backend, set_backend
+from .common import (
+    POSITIONS_ATTR,
+    absolute_module,
+    add_alibi_slopes,
+    add_attention_term,
+    choose_backend,
+    set_backend,
+)
 from .context import install_position_context
 from .handle import PatchHandle
 from .refresh import install_cache_refresh, needs_cache_refresh
 from .rotary import LAYOUTS, LayerTypeRotary, PosencRotaryEmbedding
+from .windowed import WindowedRotaryTerm
+
+#: scheme kinds that act inside attention (through hf_posenc's registered backends)
+ATTENTION_LEVEL_KINDS = ("alibi", "windowed")
 
 #: positions at which a family's own tables are compared with hf_posenc's (inside the original context,
 #: where no length-dependent scheme changes anything)
@@ -97,7 +109,7 @@ class RotaryFamilyAdapter(ArchitectureAdapter):
 
     name: ClassVar[str] = "rotary"
     model_types: ClassVar[tuple[str, ...]] = ()
-    kinds: ClassVar[tuple[str, ...]] = ("rotary", "none", "alibi", "absolute")
+    kinds: ClassVar[tuple[str, ...]] = ("rotary", "none", "alibi", "absolute", "windowed")
     fallback: ClassVar[bool] = True
 
     def accepts(self, model: nn.Module) -> bool:
@@ -253,12 +265,15 @@ class RotaryFamilyAdapter(ArchitectureAdapter):
     ) -> None:
         layouts = self.probe(model)
         decoder = self.decoder(model)
-        if scheme.kind == "alibi":
+        attention_level = scheme.kind in ATTENTION_LEVEL_KINDS
+        if attention_level:
             self.interface_attentions(decoder, model.config)  # refuse before changing anything
         original = decoder.rotary_emb
         device = next((b.device for b in original.buffers() if b.device.type != "meta"), None)
         primary = self.primary(layouts)
-        backend = choose_backend(model.config, attn_implementation, needs_hook=scheme.kind == "alibi")
+        backend = choose_backend(model.config, attn_implementation, needs_hook=attention_level)
+        if scheme.kind == "windowed":
+            self._check_windowed(scheme, layouts, backend, model.config)
         tables = {t: layout.module(self.table_scheme(scheme, layout, primary), device) for t, layout in layouts.items()}
         rotary: nn.Module = tables[None] if None in tables else LayerTypeRotary(tables)
         rotary.layouts = layouts
@@ -273,7 +288,32 @@ class RotaryFamilyAdapter(ArchitectureAdapter):
             add_alibi_slopes(attns, scheme, model.config.num_attention_heads, handle, device)
         if scheme.kind == "absolute":
             self.install_absolute(decoder, scheme, model.config, handle)
+        if scheme.kind == "windowed":
+            context = install_position_context(decoder, handle, from_mask=True, pass_positions=True)
+            term = WindowedRotaryTerm(scheme, primary.module(scheme.frequency_scheme(), device), context)
+            for attn in self.interface_attentions(decoder, model.config):
+                add_attention_term(attn, term, handle)
         set_backend(model, handle, backend)
+
+    @staticmethod
+    def _check_windowed(scheme: SchemeConfig, layouts: dict, backend: str | None, config: Any) -> None:
+        """Refuse what the windowed term cannot run: per-layer-type tables, layouts it does not rotate,
+        backends it has no path for."""
+        if None not in layouts:
+            raise UnsupportedSchemeError(
+                f"{config.model_type}: {scheme.name} on a per-layer-type rotary family (layer types "
+                f"{', '.join(t for t in layouts if t)}) is not supported."
+            )
+        if layouts[None].layout not in ("cat", "interleave"):
+            raise UnsupportedSchemeError(
+                f"{config.model_type}: {scheme.name} rotates queries and keys itself; it knows the cat and "
+                f"interleaved layouts, not this family's {layouts[None].layout!r} tables."
+            )
+        chosen = base_backend(backend or getattr(config, "_attn_implementation", None) or "eager")
+        if chosen not in WindowedRotaryTerm.backends:
+            raise UnsupportedSchemeError(
+                f"{scheme.name} runs on attn_implementation {', '.join(WindowedRotaryTerm.backends)}, not {chosen!r}."
+            )
 
     @staticmethod
     def install_absolute(decoder: nn.Module, scheme: SchemeConfig, config: Any, handle: PatchHandle) -> None:
@@ -403,5 +443,5 @@ class LlamaFamilyAdapter(RotaryFamilyAdapter):
 
     name: ClassVar[str] = "llama"
     model_types: ClassVar[tuple[str, ...]] = ("llama", "mistral", "qwen2")
-    kinds: ClassVar[tuple[str, ...]] = ("rotary", "none", "alibi", "absolute")
+    kinds: ClassVar[tuple[str, ...]] = ("rotary", "none", "alibi", "absolute", "windowed")
     fallback: ClassVar[bool] = False

@@ -21,8 +21,12 @@ from .rope import (
     RotaryScheme,
     YarnConfig,
 )
+from .windowed import ReRoPEConfig, SelfExtendConfig, WindowedScheme
 
 __all__ = [
+    "ReRoPEConfig",
+    "SelfExtendConfig",
+    "WindowedScheme",
     "AlibiConfig",
     "LearnedConfig",
     "SinusoidalConfig",

@@ -22,6 +22,7 @@ from ..specs import parse_scheme_spec
 METHODS = ("full", "lora")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
+ATTENTIONS = ("full", "s2_attn")
 
 
 @dataclass
@@ -45,6 +46,10 @@ class TrainConfig:
     lora_target_modules: list[str] | str = "all-linear"
     trainable_embeddings: bool = False  # LongLoRA: embeddings and norms trainable beside LoRA
     trainable_norms: bool = False
+    # LongLoRA's S²-Attn while training (groups of s2_group_fraction x seq_len tokens); full attention when
+    # evaluating and in the saved model
+    attention: str = "full"
+    s2_group_fraction: float = 0.25
     # data
     data: str = "kjv"
     seq_len: int = 512
@@ -89,6 +94,16 @@ class TrainConfig:
         choice("method", METHODS)
         choice("schedule", SCHEDULES)
         choice("mixed_precision", PRECISIONS)
+        choice("attention", ATTENTIONS)
+        if self.attention == "s2_attn":
+            from ..patches.shifted import group_size
+
+            if not 0 < self.s2_group_fraction < 1:
+                raise InvalidParameterError(f"s2_group_fraction must be in (0, 1), got {self.s2_group_fraction!r}.")
+            try:
+                group_size(self.seq_len, self.s2_group_fraction)
+            except ValueError as exc:
+                raise InvalidParameterError(str(exc)) from exc
         for key in ("model", "scheme", "data", "output_dir"):
             if not getattr(self, key).strip():
                 raise InvalidParameterError(f"{key} must be a non-empty string, got {getattr(self, key)!r}.")

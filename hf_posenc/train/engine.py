@@ -269,6 +269,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
+    from ..patches.shifted import enable_s2_attn
+
     output_dir = Path(cfg.output_dir)
     model_source(cfg)  # a scheme for a model that records a patch: refused before anything is written
     accelerator = Accelerator(
@@ -288,6 +290,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         trim_metrics(output_dir / METRICS_FILE, resume_step)
     model, tokenizer = load_model_and_tokenizer(cfg)
     model = prepare_model(cfg, model)
+    s2 = enable_s2_attn(model, cfg.s2_group_fraction) if cfg.attention == "s2_attn" else None
     val_len = cfg.pose_target_len or cfg.seq_len
     train_blocks, val_blocks = train_val_blocks(
         tokenizer, cfg.data, cfg.seq_len, val_len, cfg.val_fraction, num_proc=cfg.num_proc, max_tokens=cfg.max_tokens
@@ -375,6 +378,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         if os.environ.get(FAULT_ENV) == f"kill-after-step:{step}":
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
+    if s2 is not None:
+        s2.undo()  # the saved model attends fully (S²-Attn is a training-time approximation)
     final_dir = save_final(accelerator, model, tokenizer, cfg, output_dir)
     if cfg.report_to:
         accelerator.end_training()

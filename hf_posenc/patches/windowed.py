@@ -1,0 +1,201 @@
+"""The windowed rotary term: Self-Extend and ReRoPE inside attention.
+
+The family's own rotary step is given identity tables (zero frequencies), so ``query`` and ``key``
+reach the attention function unrotated (and the KV cache holds unrotated keys). The term rotates them
+twice with the scheme's frequencies: at the ordinary positions for scores inside the window
+(``d = i - j < W``) and at the scheme's remapped positions beyond it, then takes one softmax over the
+merged scores.
+
+- eager and sdpa: both score matrices are materialised and merged (L x L, as eager attention is);
+- flex_attention: one pass over the keys twice (each copy scored with its own rotation and masked to
+  its side of the window): one softmax, 2x keys, no L x L tensor. (Two passes merged by their
+  log-sum-exp, :func:`~hf_posenc.schemes.relative_math.merge_by_logsumexp`, would need flex's
+  ``return_lse``, which compiled flex on CPU does not support.)
+
+Positions: the query positions are the layer's ``position_ids`` (or the decoder call's, kept by the
+position context). Keys are the query positions when there is no cache; with a cache, each row's keys
+are taken as contiguous, ending at its last query (left padding and cached decoding; decoding on top of
+a cache that holds several packed documents is not supported).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .._compat import recompile_headroom
+from ..errors import UnsupportedSchemeError
+from ..schemes.windowed import WindowedScheme
+from .backends import BACKENDS, AttentionTerm
+from .context import DecoderPositions
+from .rotary import PosencRotaryEmbedding
+from .wrappers import current_state
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
+    """Rotate the first ``cos.shape[-1]`` channels of ``x`` (B, H, L, D) by (B, L, width) tables laid
+    out as the family's (``cat``: halves paired; ``interleave``: neighbours paired)."""
+    width = cos.shape[-1]
+    part, rest = x[..., :width], x[..., width:]
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    if layout == "cat":
+        half = width // 2
+        turned = torch.cat((-part[..., half:], part[..., :half]), dim=-1)
+    else:
+        turned = torch.stack((-part[..., 1::2], part[..., 0::2]), dim=-1).flatten(-2)
+    rotated = part * cos + turned * sin
+    return torch.cat((rotated, rest), dim=-1) if rest.shape[-1] else rotated
+
+
+class WindowedRotaryTerm(AttentionTerm):
+    """One model's windowed rotary scheme, shared by its attention modules."""
+
+    backends = BACKENDS
+
+    def __init__(self, scheme: WindowedScheme, rotary: PosencRotaryEmbedding, context: DecoderPositions) -> None:
+        super().__init__()
+        if rotary.layout not in ("cat", "interleave"):
+            raise UnsupportedSchemeError(
+                f"{scheme.name} rotates queries and keys itself and knows the cat and interleaved layouts; this "
+                f"family's tables are {rotary.layout!r}."
+            )
+        self.scheme = scheme
+        self.rotary = rotary
+        self.context = context
+
+    # -- positions ------------------------------------------------------------------------------
+    def positions(self, query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query positions (B, q) and key positions (B, kv) of this call."""
+        batch, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
+        given = kwargs.get("position_ids")
+        if given is None:
+            state = current_state(self.context)
+            given = state.positions if state is not None else None
+        if given is None:
+            raise UnsupportedSchemeError(
+                f"{self.scheme.name}: the attention received no position ids and no decoder call is in progress."
+            )
+        q_pos = given.to(query.device).expand(batch, -1)[:, -q_len:]
+        if kv_len == q_len:
+            return q_pos, q_pos
+        k_pos = q_pos[:, -1:] - (kv_len - 1) + torch.arange(kv_len, device=query.device)
+        return q_pos, k_pos.clamp(min=0)
+
+    def rotated(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        cos, sin = self.rotary(torch.zeros((), device=x.device), positions)
+        return rotate(x, cos, sin, self.rotary.layout)
+
+    def pairs(self, query, key, q_pos, k_pos):
+        """(query, key) rotated at the ordinary positions and at the scheme's far positions."""
+        far_q, far_k = self.scheme.far_positions(q_pos, k_pos)
+        near = (self.rotated(query, q_pos.float()), self.rotated(key, k_pos.float()))
+        far = (self.rotated(query, far_q), self.rotated(key, far_k))
+        return near, far
+
+    # -- attention ------------------------------------------------------------------------------
+    def attend(self, backend, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        if backend not in self.backends:
+            raise UnsupportedSchemeError(f"{self.scheme.name} runs on {', '.join(self.backends)}, not {backend}.")
+        q_pos, k_pos = self.positions(query, key, kwargs)
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        near, far = self.pairs(query, key, q_pos, k_pos)
+        if backend == "flex_attention" and query.shape[2] > 1:  # one query (a decode step) is O(kv) densely
+            return self._flex(module, near, far, value, attention_mask, (q_pos, k_pos), scaling, dropout)
+        inside = (q_pos[:, :, None] - k_pos[:, None, :]) < self.scheme.window_size  # (B, q, kv)
+        return self._dense(module, near, far, value, attention_mask, inside, scaling, dropout)
+
+    def _dense(self, module, near, far, value, attention_mask, inside, scaling, dropout):
+        groups = near[0].shape[1] // near[1].shape[1]
+        value = _repeat_kv(value, groups)
+        scores = [torch.matmul(q, _repeat_kv(k, groups).transpose(2, 3)) * scaling for q, k in (near, far)]
+        scores = torch.where(inside[:, None], scores[0], scores[1])
+        q_len, kv_len = scores.shape[-2:]
+        attention_mask = _dense_mask(attention_mask, scores.shape[0], q_len, kv_len)
+        if attention_mask is None:
+            causal = (
+                torch.arange(kv_len, device=scores.device)[None]
+                <= torch.arange(kv_len - q_len, kv_len, device=scores.device)[:, None]
+            )
+            scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+        elif attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask[:, :, :, :kv_len], torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask[:, :, :, :kv_len]
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+        probs = F.dropout(probs, p=dropout, training=module.training)
+        return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+    def _flex(self, module, near, far, value, attention_mask, positions, scaling, dropout):
+        """One flex pass over the keys twice: channels ``[near | far]`` in the queries, keys
+        ``[near | 0]`` then ``[0 | far]``, so each key copy scores with its own rotation; each copy is
+        masked to its side of the window, and one softmax covers both (2x keys and channels, no L x L)."""
+        from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+
+        from .attention import _FLEX_FAILED, _compile_failures, _compiled_flex, _flex_failed
+
+        if dropout > 0:
+            raise ValueError("flex attention has no attention dropout: call eval(), or use eager or sdpa.")
+        q_pos, k_pos = positions
+        window = self.scheme.window_size
+        kind = (near[0].device.type, f"{self.scheme.name} ({type(attention_mask).__name__})")
+        if kind in _FLEX_FAILED:
+            inside = (q_pos[:, :, None] - k_pos[:, None, :]) < window
+            return self._dense(module, near, far, value, attention_mask, inside, scaling, dropout)
+        block_mask = attention_mask if isinstance(attention_mask, BlockMask) else None
+        dense_mask = None if block_mask is not None or attention_mask is None else attention_mask
+        if dense_mask is not None and dense_mask.dtype == torch.bool:
+            dense_mask = torch.zeros(dense_mask.shape, device=dense_mask.device).masked_fill(~dense_mask, float("-inf"))
+        (q_near, k_near), (q_far, k_far) = near, far
+        batch, heads, q_len = q_near.shape[:3]
+        kv_len = k_near.shape[2]
+        query = torch.cat((q_near, q_far), dim=-1).contiguous()
+        key = torch.cat(
+            (torch.cat((k_near, torch.zeros_like(k_near)), -1), torch.cat((torch.zeros_like(k_far), k_far), -1)), dim=2
+        )
+        value2 = torch.cat((value, value), dim=2)
+        enable_gqa = heads & (heads - 1) == 0
+        if not enable_gqa:
+            groups = heads // key.shape[1]
+            key, value2 = _repeat_kv(key, groups), _repeat_kv(value2, groups)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            j = kv_idx % kv_len
+            distance = q_pos[b, q_idx] - k_pos[b, j]
+            keep = torch.where(kv_idx < kv_len, distance < window, distance >= window)
+            if dense_mask is not None:
+                score = score + dense_mask[b, 0, q_idx, j]
+            return torch.where(keep, score, -float("inf"))
+
+        doubled = None
+        if block_mask is not None:
+            inner = block_mask.mask_mod
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                return inner(b, h, q_idx, kv_idx % kv_len)
+
+            doubled = create_block_mask(mask_mod, batch, None, q_len, 2 * kv_len, device=query.device)
+        try:
+            with recompile_headroom():
+                out = _compiled_flex()(
+                    query, key.contiguous(), value2.contiguous(), score_mod, doubled, scaling, enable_gqa
+                )
+        except _compile_failures():
+            _flex_failed(kind)
+            inside = (q_pos[:, :, None] - k_pos[:, None, :]) < window
+            return self._dense(module, near, far, value, attention_mask, inside, scaling, dropout)
+        return out.transpose(1, 2).contiguous(), None
+
+
+def _dense_mask(mask: Any, batch: int, q_len: int, kv_len: int) -> torch.Tensor | None:
+    """A flex BlockMask evaluated into a dense boolean (B, 1, q, kv) mask; other masks as they are."""
+    from torch.nn.attention.flex_attention import BlockMask, create_mask
+
+    if isinstance(mask, BlockMask):
+        return create_mask(mask.mask_mod, batch, 1, q_len, kv_len, device=mask.kv_num_blocks.device)
+    return mask
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)

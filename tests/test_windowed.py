@@ -1,0 +1,165 @@
+"""Self-Extend and ReRoPE against a straightforward implementation written here from the papers: every
+score q_i . k_j is computed with the query rotated by the scheme's relative distance D(i, j) (the key at
+position 0), with the frequencies transformers' own rotary module computes, and one dense softmax. On
+LLaMA, a GQA model (Mistral), a partial-rotary model (StableLM) and an interleaved-layout one (Cohere).
+
+The cache, padding, packing and backend properties run in the common tester (tests/test_grid.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import WINDOWED_SCHEMES, max_diff
+from properties import logits
+from transformers import AttentionInterface, AutoModelForCausalLM
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+import hf_posenc
+from hf_posenc.families import tiny_rotary_config
+
+LAYOUT = {"llama": "cat", "mistral": "cat", "stablelm": "cat", "cohere": "interleave"}
+LENGTH = 90
+
+
+def paper_distance(scheme: str, params: dict, i: int, j: int) -> float:
+    """D(i, j) as the papers define it (scalar, causal j <= i)."""
+    d, w = i - j, params["window_size"]
+    if d < w:
+        return float(d)
+    if scheme == "self_extend":  # Jin et al. 2024
+        g = params["group_size"]
+        return float((i // g + w - w // g) - j // g)
+    leak = params.get("leak")  # Su 2023: ReRoPE, leaky ReRoPE
+    return float(w) if leak is None else w + (d - w) / leak
+
+
+def rotate_by(x: torch.Tensor, angle: torch.Tensor, scale: float, layout: str) -> torch.Tensor:
+    """Rotate each channel pair of ``x`` (..., D) by ``angle`` (..., pairs), scaled by ``scale``."""
+    pairs = angle.shape[-1]
+    x = x.expand(*torch.broadcast_shapes(x.shape[:-1], angle.shape[:-1]), x.shape[-1])
+    out = x.clone()
+    first = torch.arange(pairs) if layout == "cat" else torch.arange(0, 2 * pairs, 2)
+    second = first + pairs if layout == "cat" else first + 1
+    a, b = x[..., first], x[..., second]
+    cos, sin = angle.cos() * scale, angle.sin() * scale
+    out[..., first], out[..., second] = a * cos - b * sin, b * cos + a * sin
+    if x.shape[-1] > 2 * pairs:  # channels past the rotated ones keep the plain attention scaling
+        rest = torch.ones(x.shape[-1], dtype=torch.bool)
+        rest[first], rest[second] = False, False
+        out[..., rest] = x[..., rest]
+    return out
+
+
+def reference_function(distance: torch.Tensor, inv_freq: torch.Tensor, scale: float, layout: str):
+    """An attention function that receives unrotated q, k and computes every score at ``distance``."""
+
+    def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+        angle = distance[..., None] * inv_freq  # (q, kv, pairs)
+        rotated_q = rotate_by(query[:, :, :, None, :], angle, scale, layout)  # (B, H, q, kv, D)
+        rotated_k = rotate_by(key[:, :, None, :, :], torch.zeros_like(angle), scale, layout)
+        scores = (rotated_q * rotated_k).sum(-1) * scaling
+        if attention_mask is None:  # causal
+            attention_mask = torch.zeros(distance.shape).masked_fill(~torch.ones(distance.shape).tril().bool(), -1e30)
+        elif attention_mask.dtype == torch.bool:  # the family's own mask (Mistral's sliding window included)
+            attention_mask = torch.zeros(attention_mask.shape).masked_fill(~attention_mask, -1e30)
+        probs = (scores + attention_mask).softmax(-1)
+        return (probs @ value).transpose(1, 2), probs
+
+    return attend
+
+
+def build(model_type: str, **overrides):
+    torch.manual_seed(0)
+    if model_type == "mistral":  # a window past the test length, so scores beyond W exist
+        overrides.setdefault("sliding_window", 4 * LENGTH)
+    config = tiny_rotary_config(model_type, **overrides)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("model_type", list(LAYOUT))
+@pytest.mark.parametrize(
+    ("scheme", "params"), WINDOWED_SCHEMES, ids=[f"{s}-{i}" for i, (s, _) in enumerate(WINDOWED_SCHEMES)]
+)
+def test_windowed_scheme_equals_the_papers_formula(model_type, scheme, params):
+    model = build(model_type)
+    x = torch.randint(2, 90, (2, LENGTH), generator=torch.Generator().manual_seed(1))
+    base = logits(model, x)
+    rope = params.get("rope")
+    # the frequencies transformers computes for the scheme underneath (a natively configured twin)
+    source = model
+    if rope is not None:
+        native = {
+            "rope_type": rope["scheme"],
+            "factor": rope["factor"],
+            "rope_theta": model.config.rope_parameters["rope_theta"],
+        }
+        native |= {k: v for k, v in model.config.rope_parameters.items() if k == "partial_rotary_factor"}
+        source = build(model_type, rope_parameters=native)
+    inv_freq, scale = source.model.rotary_emb.inv_freq.float(), float(source.model.rotary_emb.attention_scaling)
+    distance = torch.tensor([[paper_distance(scheme, params, i, j) for j in range(LENGTH)] for i in range(LENGTH)])
+
+    hf_posenc.patch(model, scheme, **params)
+    got = logits(model, x)
+    hf_posenc.unpatch(model)
+    assert torch.equal(logits(model, x), base)
+
+    name = f"test_reference_{scheme}"
+    AttentionInterface.register(name, reference_function(distance, inv_freq, scale, LAYOUT[model_type]))
+    AttentionMaskInterface.register(name, eager_mask)
+    with hf_posenc.patched(model, "nope"):  # the family's own rotary step becomes the identity
+        model.config._attn_implementation = name
+        want = logits(model, x)
+    model.config._attn_implementation = "eager"
+    assert max_diff(got, want) <= 1e-5
+    assert max_diff(got, base) > 1e-4  # past the window the scheme changes the output
+
+
+@pytest.mark.parametrize(("scheme", "params"), WINDOWED_SCHEMES[:2])
+def test_windowed_save_reloads_with_hf_posenc_only(tmp_path, scheme, params):
+    model = build("llama")
+    x = torch.randint(2, 90, (1, LENGTH), generator=torch.Generator().manual_seed(2))
+    plain = logits(model, x)
+    hf_posenc.patch(model, scheme, **params)
+    expected = logits(model, x)
+    with pytest.warns(hf_posenc.PosencWarning, match="hf_posenc.from_pretrained"):
+        model.save_pretrained(tmp_path)
+    again = hf_posenc.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert torch.equal(logits(again, x), expected)
+    unpatched = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert max_diff(logits(unpatched, x), plain) <= 1e-6  # plain transformers: the model before the patch
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        ({"group_size": 8, "window_size": 4}, "window_size must be an integer >= group_size"),
+        ({"group_size": 0, "window_size": 4}, "group_size must be an integer >= 1"),
+        ({"group_size": 2, "window_size": 8, "rope": {"scheme": "dynamic_ntk", "factor": 2.0}}, "must be static"),
+        ({"group_size": 2, "window_size": 8, "rope": {"scheme": "alibi"}}, "rotary frequency scheme"),
+        ({"group_size": 2, "window_size": 8, "rope": "yarn"}, "scheme spec"),
+    ],
+)
+def test_bad_self_extend_parameters_are_refused(params, match):
+    model = build("llama")
+    with pytest.raises(hf_posenc.InvalidParameterError, match=match):
+        hf_posenc.patch(model, "self_extend", **params)
+    assert not hf_posenc.is_patched(model)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "kwargs", "match"),
+    [
+        ("gemma3_text", {}, "per-layer-type"),
+        ("gpt_oss", {}, "sinks"),  # attention sinks: refused before its half-width layout is looked at
+        ("gptj", {}, "cannot host scheme 'self_extend'"),
+        ("llama", {"attn_implementation": "flash_attention_2"}, "flash-attn|runs on"),
+    ],
+)
+def test_windowed_schemes_are_refused_where_they_cannot_run(model_type, kwargs, match):
+    model = build(model_type)
+    with pytest.raises(hf_posenc.UnsupportedSchemeError, match=match):
+        hf_posenc.patch(model, "self_extend", group_size=2, window_size=8, **kwargs)
+    assert not hf_posenc.is_patched(model)
