@@ -134,7 +134,7 @@ def test_docs_match_the_table():
 
 
 def test_table_layout_class_matches_what_probing_finds():
-    from hf_posenc.patches.llama import RotaryFamilyAdapter
+    from hf_posenc.patches.rotary_family import RotaryFamilyAdapter
 
     for model_type in ("qwen3", "phi", "gemma3_text", "cohere", "gpt_oss", "smollm3"):
         if model_type not in INSTALLED:
@@ -195,8 +195,9 @@ def test_alibi_and_absolute_schemes_on_generic_families(model_type):
             results[backend] = logits(model, x)
     assert (results["eager"] - results["sdpa"]).abs().max() <= 1e-5
     assert (results["eager"] - nope).abs().max() > 1e-6, "ALiBi had no effect: its backend never ran"
-    with hf_posenc.patched(model, "sinusoidal"):
-        assert (logits(model, x) - nope).abs().max() > 1e-6
+    for absolute, params in (("sinusoidal", {}), ("learned", {"max_positions": 256})):
+        with hf_posenc.patched(model, absolute, **params):
+            assert (logits(model, x) - nope).abs().max() > 1e-6, absolute
     assert torch.equal(logits(model, x), base)
 
 
@@ -295,8 +296,9 @@ def test_sinusoid_table_families_host_absolute_and_alibi_or_refuse_it(model_type
     x = torch.randint(2, 90, (1, 100), generator=torch.Generator().manual_seed(5))
     with hf_posenc.patched(model, "nope"):
         nope = logits(model, x)
-    with hf_posenc.patched(model, "sinusoidal"):
-        assert (logits(model, x) - nope).abs().max() > 1e-6
+    for absolute, params in (("sinusoidal", {}), ("learned", {"max_positions": 256})):
+        with hf_posenc.patched(model, absolute, **params):
+            assert (logits(model, x) - nope).abs().max() > 1e-6, absolute
     if "rotary_emb" not in model.base_model._modules:
         with pytest.raises(hf_posenc.UnsupportedSchemeError, match=r"ALiBi needs transformers >= 5\.24"):
             hf_posenc.patch(model, "alibi")

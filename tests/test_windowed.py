@@ -163,3 +163,28 @@ def test_windowed_schemes_are_refused_where_they_cannot_run(model_type, kwargs, 
     with pytest.raises(hf_posenc.UnsupportedSchemeError, match=match):
         hf_posenc.patch(model, "self_extend", group_size=2, window_size=8, **kwargs)
     assert not hf_posenc.is_patched(model)
+
+
+@pytest.mark.parametrize("scheme", ["self_extend", "rerope"])
+def test_flex_runs_its_kernel_with_the_models_block_mask(monkeypatch, scheme):
+    """flex attention itself (not the dense fallback) with a left-padded batch: the model's BlockMask,
+    doubled from its block lists, gives the eager numbers. (A fresh dynamo state: on CPU, torch 2.13
+    compiles the first shape statically; later shapes may hit its dynamic-shape bug and fall back.)"""
+    from hf_posenc.patches import attention
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(attention, "_FLEX_FAILED", set())
+    params = {"window_size": 16, **({"group_size": 4} if scheme == "self_extend" else {})}
+    rows = [torch.randint(2, 90, (LENGTH,)), torch.randint(2, 90, (LENGTH - 30,))]
+    from properties import left_pad
+
+    ids, mask = left_pad(rows)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = {}
+    for backend in ("eager", "flex_attention"):
+        model = build("llama")
+        hf_posenc.patch(model, scheme, attn_implementation=backend, **params)
+        out[backend] = logits(model, ids, attention_mask=mask, position_ids=positions)
+    assert not attention._FLEX_FAILED, attention._FLEX_FAILED
+    real = mask.bool()
+    assert max_diff(out["eager"][real], out["flex_attention"][real]) <= 1e-5

@@ -6,9 +6,9 @@ from .gpt2 import GPT2Adapter
 from .gpt_neox import GPTNeoXAdapter
 from .gptj import GPTJFamilyAdapter
 from .handle import PatchHandle
-from .llama import LlamaFamilyAdapter
 from .opt import OPTAdapter
 from .refresh import refresh_count
+from .rotary_family import LlamaFamilyAdapter
 
 __all__ = [
     "ArchitectureAdapter",

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from .base import register_architecture
-from .llama import LlamaFamilyAdapter
+from .rotary_family import LlamaFamilyAdapter
 
 
 @register_architecture

@@ -25,9 +25,9 @@ from ..errors import UnsupportedSchemeError
 from ..schemes.base import SchemeConfig
 from .base import register_architecture
 from .handle import PatchHandle
-from .llama import RotaryFamilyAdapter, TableLayout, rotary_owner, text_config
 from .refresh import install_cache_refresh, needs_cache_refresh
 from .rotary import PosencRotaryEmbedding
+from .rotary_family import RotaryFamilyAdapter, TableLayout, rotary_owner, text_config
 from .wrappers import bound_call
 
 #: the table both families build (``create_sinusoidal_positions``): default RoPE at theta 10000

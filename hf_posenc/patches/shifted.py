@@ -77,9 +77,34 @@ def shifted_short_attention(
     """S²-Attn of ``query`` (B, H, L, D) over ``key``/``value`` (B, Hkv, L, D): returns (B, L, H, D)."""
     batch, heads, length, dim = query.shape
     size = group_size(length, fraction)
-    groups = length // size
     repeat = heads // key.shape[1]
     key, value = key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1)
+    if attention_mask is not None:
+        return _masked_groups(query, key, value, attention_mask, size, scaling, dropout)
+    groups, half, shift = length // size, heads // 2, size // 2
+    # the second half of the heads sees the sequence rolled left by half a group
+    q, k, v = (torch.cat((t[:, : heads - half], t[:, heads - half :].roll(-shift, 2)), 1) for t in (query, key, value))
+    # 4-D (B, H * n, g, D): torch's fused sdpa kernels take 4-D inputs (5-D would run the math path)
+    q, k, v = (t.reshape(batch, heads * groups, size, dim) for t in (q, k, v))
+    # inside every group the slots are in original order (plain causal), except the shifted heads' last
+    # group, which wraps: its first half holds the sequence's end, its second half the sequence's start
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling)
+    if half:
+        order = torch.roll(torch.arange(length, device=query.device), -shift)[-size:]
+        wrapped = order[None, :] <= order[:, None]
+        last = [t.view(batch, heads, groups, size, dim)[:, heads - half :, -1] for t in (q, k, v)]
+        fixed = F.scaled_dot_product_attention(*last, attn_mask=wrapped, dropout_p=dropout, scale=scaling)
+        out = out.view(batch, heads, groups, size, dim).clone()
+        out[:, heads - half :, -1] = fixed
+    out = out.reshape(batch, heads, length, dim)
+    out = torch.cat((out[:, : heads - half], out[:, heads - half :].roll(shift, 2)), 1)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _masked_groups(query, key, value, attention_mask, size, scaling, dropout) -> tuple[torch.Tensor, None]:
+    """S²-Attn with the model's own mask (padding, packed documents) applied inside every group."""
+    batch, heads, length, dim = query.shape
+    groups = length // size
     plain = torch.arange(length, device=query.device)
     shifted = shifted_order(length, size, query.device)
     half = heads // 2
@@ -89,23 +114,18 @@ def shifted_short_attention(
     q, k, v = (t.gather(2, index).view(batch, heads, groups, size, dim) for t in (query, key, value))
     slots = order.view(heads, groups, size)
     allowed = slots[:, :, None, :] <= slots[:, :, :, None]  # (H, n, g, g): causal by original position
-    mask = allowed[None]
-    extra = _grouped_mask(attention_mask, order, groups, size, batch)
-    if extra is not None:
-        mask = mask & extra
+    mask = allowed[None] & _grouped_mask(attention_mask, order, groups, size, batch)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
     out = out.view(batch, heads, length, dim)
     restored = torch.empty_like(out).scatter_(2, index, out)
     return restored.transpose(1, 2).contiguous(), None
 
 
-def _grouped_mask(mask: Any, order: torch.Tensor, groups: int, size: int, batch: int) -> torch.Tensor | None:
+def _grouped_mask(mask: Any, order: torch.Tensor, groups: int, size: int, batch: int) -> torch.Tensor:
     """The model's own mask (padding, packed documents) at each group's (query, key) slots, as booleans
-    (B, H, n, g, g); None when the model passed none."""
+    (B, H, n, g, g)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    if mask is None:
-        return None
     heads = order.shape[0]
     slots = order.view(heads, groups, size)
     q_idx, k_idx = slots[None, :, :, :, None], slots[None, :, :, None, :]
@@ -141,7 +161,7 @@ def enable_s2_attn(model: nn.Module, group_fraction: float = 0.25) -> S2Attentio
     from ..api import patch_target
     from .backends import BACKENDS, base_backend
     from .base import get_adapter
-    from .llama import RotaryFamilyAdapter
+    from .rotary_family import RotaryFamilyAdapter
 
     if not (isinstance(group_fraction, float | int) and 0 < group_fraction < 1):
         raise ValueError(f"S²-Attn: group_fraction must be in (0, 1), got {group_fraction!r}.")

@@ -131,7 +131,7 @@ class WindowedRotaryTerm(AttentionTerm):
         """One flex pass over the keys twice: channels ``[near | far]`` in the queries, keys
         ``[near | 0]`` then ``[0 | far]``, so each key copy scores with its own rotation; each copy is
         masked to its side of the window, and one softmax covers both (2x keys and channels, no L x L)."""
-        from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+        from torch.nn.attention.flex_attention import BlockMask
 
         from .attention import _FLEX_FAILED, _compile_failures, _compiled_flex, _flex_failed
 
@@ -148,34 +148,34 @@ class WindowedRotaryTerm(AttentionTerm):
         if dense_mask is not None and dense_mask.dtype == torch.bool:
             dense_mask = torch.zeros(dense_mask.shape, device=dense_mask.device).masked_fill(~dense_mask, float("-inf"))
         (q_near, k_near), (q_far, k_far) = near, far
-        batch, heads, q_len = q_near.shape[:3]
+        heads, q_len = q_near.shape[1], q_near.shape[2]
         kv_len = k_near.shape[2]
+        # the second copy starts on a block boundary, so the model's block mask is reused block for block
+        kv_block = block_mask.BLOCK_SIZE[1] if block_mask is not None else 128
+        offset = -(-kv_len // kv_block) * kv_block
         query = torch.cat((q_near, q_far), dim=-1).contiguous()
-        key = torch.cat(
-            (torch.cat((k_near, torch.zeros_like(k_near)), -1), torch.cat((torch.zeros_like(k_far), k_far), -1)), dim=2
-        )
-        value2 = torch.cat((value, value), dim=2)
+        key = torch.cat((_padded(k_near, offset, left=True), _padded(k_far, offset, left=False)), dim=2)
+        value2 = torch.cat((_padded(value, offset), _padded(value, offset)), dim=2)
         enable_gqa = heads & (heads - 1) == 0
         if not enable_gqa:
             groups = heads // key.shape[1]
             key, value2 = _repeat_kv(key, groups), _repeat_kv(value2, groups)
+        last = kv_len - 1
 
         def score_mod(score, b, h, q_idx, kv_idx):
-            j = kv_idx % kv_len
+            far_copy = kv_idx >= offset
+            j = torch.where(far_copy, kv_idx - offset, kv_idx)
+            real = j < kv_len
+            j = j.clamp(max=last)
             distance = q_pos[b, q_idx] - k_pos[b, j]
-            keep = torch.where(kv_idx < kv_len, distance < window, distance >= window)
+            keep = real & torch.where(far_copy, distance >= window, distance < window)
             if dense_mask is not None:
                 score = score + dense_mask[b, 0, q_idx, j]
+            elif block_mask is None:  # no mask at all: causal, queries aligned to the last keys
+                keep = keep & (j <= q_idx + (kv_len - q_len))
             return torch.where(keep, score, -float("inf"))
 
-        doubled = None
-        if block_mask is not None:
-            inner = block_mask.mask_mod
-
-            def mask_mod(b, h, q_idx, kv_idx):
-                return inner(b, h, q_idx, kv_idx % kv_len)
-
-            doubled = create_block_mask(mask_mod, batch, None, q_len, 2 * kv_len, device=query.device)
+        doubled = _doubled_block_mask(block_mask, kv_len, offset) if block_mask is not None else None
         try:
             with recompile_headroom():
                 out = _compiled_flex()(
@@ -186,6 +186,46 @@ class WindowedRotaryTerm(AttentionTerm):
             inside = (q_pos[:, :, None] - k_pos[:, None, :]) < window
             return self._dense(module, near, far, value, attention_mask, inside, scaling, dropout)
         return out.transpose(1, 2).contiguous(), None
+
+
+def _padded(x: torch.Tensor, length: int, *, left: bool | None = None) -> torch.Tensor:
+    """``x`` (B, H, L, D) padded with zeros to ``length`` positions; ``left`` True/False also appends a
+    zero block of channels after / before (the query's [near | far] layout); None keeps the channels."""
+    if left is not None:
+        zeros = torch.zeros_like(x)
+        x = torch.cat((x, zeros) if left else (zeros, x), dim=-1)
+    return F.pad(x, (0, 0, 0, length - x.shape[2]))
+
+
+def _rows_concat(a_idx: torch.Tensor, a_num: torch.Tensor, b_idx: torch.Tensor, b_num: torch.Tensor):
+    """Per row, the ``a_num`` valid entries of ``a_idx`` then the ``b_num`` of ``b_idx`` (block lists)."""
+    width = a_idx.shape[-1] + b_idx.shape[-1]
+    j = torch.arange(width, device=a_idx.device).expand(*a_idx.shape[:-1], width)
+    take_a = a_idx.gather(-1, j.clamp(max=a_idx.shape[-1] - 1))
+    take_b = b_idx.gather(-1, (j - a_num[..., None]).clamp(0, b_idx.shape[-1] - 1))
+    return torch.where(j < a_num[..., None], take_a, take_b).to(a_idx.dtype), (a_num + b_num).to(a_num.dtype)
+
+
+def _doubled_block_mask(mask: Any, kv_len: int, offset: int) -> Any:
+    """The model's BlockMask over the keys twice (the second copy at ``offset``), built from its block
+    lists (no dense evaluation). Every block becomes a partial one, so the mask function (which also masks
+    the padding between the copies) runs wherever a block is visited."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    inner = mask.mask_mod
+    num, idx = mask.kv_num_blocks, mask.kv_indices
+    if mask.full_kv_num_blocks is not None:
+        idx, num = _rows_concat(idx, num, mask.full_kv_indices, mask.full_kv_num_blocks)
+    blocks = offset // mask.BLOCK_SIZE[1]
+    idx, num = _rows_concat(idx, num, idx + blocks, num)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        j = torch.where(kv_idx >= offset, kv_idx - offset, kv_idx)
+        return (j < kv_len) & inner(b, h, q_idx, j.clamp(max=kv_len - 1))
+
+    return BlockMask.from_kv_blocks(
+        num, idx, BLOCK_SIZE=mask.BLOCK_SIZE, mask_mod=mask_mod, seq_lengths=(mask.seq_lengths[0], 2 * offset)
+    )
 
 
 def _dense_mask(mask: Any, batch: int, q_len: int, kv_len: int) -> torch.Tensor | None:
