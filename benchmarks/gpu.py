@@ -9,8 +9,11 @@
    importable).
 2. ALiBi: a BLOOM-1B-shaped model, forward at 4k / 8k / 16k / 32k, native BLOOM (eager, its only
    backend) vs hf_posenc ALiBi on sdpa and flex attention (score_mod, no L x L bias): time and peak memory.
+3. Attention-level schemes on the 1B-class LLaMA: forward at 8k / 16k / 32k, plain flex attention vs
+   Self-Extend and ReRoPE on flex (time, peak memory); and LoRA training steps with S²-Attn vs full
+   attention (sdpa) at 16k / 32k (tokens/s, peak memory).
 
-    python benchmarks/gpu.py                 # on the GPU machine, about 8 minutes
+    python benchmarks/gpu.py                 # on the GPU machine, about 10 minutes
     python benchmarks/gpu.py --toy --out X   # CPU, toy sizes: exercises every code path (a test runs it)
 
 Every row is caught on its own (an out-of-memory cell is reported, not fatal), results are rewritten after
@@ -297,11 +300,65 @@ def alibi_forward(device, dtype, config: dict, lengths: list[int], toy: bool, ro
             row(rows, clock, {"variant": label, "tokens": length}, measure, save)
 
 
+class S2Cell(TrainingCell):
+    """A LoRA training cell whose attention is S²-Attn (groups of a quarter of the sequence) while training."""
+
+    def setup(self) -> None:
+        super().setup()
+        hf_posenc.enable_s2_attn(self.model, 0.25)
+        self.model.train()
+
+
+def windowed_forward(device, dtype, config: dict, lengths: list[int], toy: bool, rows, clock, save) -> None:
+    attn = "eager" if toy else "flex_attention"  # eager stands in for flex on the CPU toy run
+    window = 16 if toy else 2048
+    variants = [
+        ("plain", "rope", {}),
+        ("self_extend G=8", "self_extend", {"group_size": 8, "window_size": window}),
+        ("rerope", "rerope", {"window_size": window}),
+    ]
+    model = build("llama", config, device, dtype).eval()
+    for label, scheme, params in variants:
+        hf_posenc.patch(model, scheme, attn_implementation=attn, replace=True, **params)
+        for length in lengths:
+
+            def measure(length: int = length) -> dict:
+                reset_memory(device)
+                x = torch.randint(0, config["vocab_size"], (1, length), device=device)
+                times = []
+                with torch.inference_mode():
+                    for step in range(3):  # the first warms up (and compiles flex for this length)
+                        sync(device)
+                        start = time.perf_counter()
+                        model(x, use_cache=False)
+                        sync(device)
+                        if step:
+                            times.append(time.perf_counter() - start)
+                return {"seconds": sum(times) / len(times), "peak_gib": peak_memory_gib(device)}
+
+            row(rows, clock, {"variant": f"{label}, {attn}", "tokens": length}, measure, save)
+
+
+def s2_training(device, dtype, config: dict, lengths: list[int], steps: int, rows, clock, save) -> None:
+    for name, cls in (("full", TrainingCell), ("s2_attn", S2Cell)):
+        cell = cls(device, dtype, config, "sdpa", "hf_posenc", steps)
+        for length in lengths:
+            row(rows, clock, {"attention": name, "tokens": length}, functools.partial(cell.measure, length), save)
+        cell.model = cell.optimizer = None
+
+
 def fmt(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def report(meta: dict, check_rows: list[dict], training: list[dict], alibi: list[dict]) -> str:
+def report(
+    meta: dict,
+    check_rows: list[dict],
+    training: list[dict],
+    alibi: list[dict],
+    windowed: list[dict] | None = None,
+    s2: list[dict] | None = None,
+) -> str:
     lines = [
         "# GPU benchmarks",
         "",
@@ -353,6 +410,32 @@ def report(meta: dict, check_rows: list[dict], training: list[dict], alibi: list
             lines.append(f"| {r['variant']} | {r['tokens']} | {r['error']} | |")
         else:
             lines.append(f"| {r['variant']} | {r['tokens']} | {r['seconds']:.3f} | {fmt(r['peak_gib'], '.2f')} |")
+    lines += [
+        "",
+        f"## Self-Extend and ReRoPE forward: 1B-class LLaMA, {meta['dtype']}, batch 1",
+        "",
+        "| variant | tokens | seconds | peak memory (GiB) |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in windowed or []:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | {r['tokens']} | {r['error']} | |")
+        else:
+            lines.append(f"| {r['variant']} | {r['tokens']} | {r['seconds']:.3f} | {fmt(r['peak_gib'], '.2f')} |")
+    lines += [
+        "",
+        f"## S²-Attn vs full attention: LoRA training steps, 1B-class LLaMA (YaRN x8), sdpa, {meta['dtype']}",
+        "",
+        "| attention while training | tokens | tokens/s | peak memory (GiB) |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in s2 or []:
+        if "error" in r:
+            lines.append(f"| {r['attention']} | {r['tokens']} | {r['error']} | |")
+        else:
+            lines.append(
+                f"| {r['attention']} | {r['tokens']} | {r['tokens_per_s']:.0f} | {fmt(r['peak_gib'], '.1f')} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -361,7 +444,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--toy", action="store_true", help="CPU, toy sizes, fp32")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "gpu" / "latest.md"))
     parser.add_argument("--budget", type=float, default=480.0, help="seconds; later rows are skipped")
-    parser.add_argument("--sections", default="checks,training,alibi")
+    parser.add_argument("--sections", default="checks,training,alibi,windowed,s2")
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.toy or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if args.toy else torch.bfloat16
@@ -374,10 +457,12 @@ def main(argv: list[str] | None = None) -> None:
     }
     clock = Clock(args.budget)
     out = Path(args.out)
-    results: dict[str, list[dict]] = {"checks": [], "training": [], "alibi": []}
+    results: dict[str, list[dict]] = {"checks": [], "training": [], "alibi": [], "windowed": [], "s2": []}
 
     def save() -> None:
-        out.write_text(report(meta, results["checks"], results["training"], results["alibi"]))
+        out.write_text(
+            report(meta, results["checks"], results["training"], results["alibi"], results["windowed"], results["s2"])
+        )
         out.with_suffix(".json").write_text(json.dumps({"meta": meta, **results}, indent=2))
 
     sections = args.sections.split(",")
@@ -401,6 +486,15 @@ def main(argv: list[str] | None = None) -> None:
             clock,
             save,
         )
+    if "windowed" in sections:
+        lengths = [64] if args.toy else [8192, 16384, 32768]
+        windowed_forward(
+            device, dtype, TOY_LLAMA if args.toy else LLAMA_1B, lengths, args.toy, results["windowed"], clock, save
+        )
+    if "s2" in sections:
+        lengths = [64] if args.toy else [16384, 32768]
+        config = TOY_LLAMA if args.toy else LLAMA_1B
+        s2_training(device, dtype, config, lengths, 1 if args.toy else 3, results["s2"], clock, save)
     save()
     print(f"wrote {out}")
 

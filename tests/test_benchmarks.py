@@ -21,6 +21,7 @@ def test_gpu_script_runs_at_toy_size_on_cpu(tmp_path):
     text = out.read_text()
     assert "| sdpa | hf_posenc | 64 |" in text and "| sdpa | native | 64 |" in text
     assert "| hf_posenc alibi sdpa | 64 |" in text and "| BLOOM alibi, sdpa vs native eager (6 heads) |" in text
+    assert "| self_extend G=8, eager | 64 |" in text and "| s2_attn | 64 |" in text
     assert "Error" not in text and "| NO |" not in text
 
 
