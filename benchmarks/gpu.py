@@ -272,6 +272,23 @@ def lora_training(device, dtype, config: dict, lengths: list[int], steps: int, t
             cell.model = cell.optimizer = None
 
 
+def timed_forward(model, config: dict, device, length: int) -> dict:
+    """Mean time of two forwards of ``length`` random tokens after a warm-up (which compiles flex
+    attention for this length), and the peak memory."""
+    reset_memory(device)
+    x = torch.randint(0, config["vocab_size"], (1, length), device=device)
+    times = []
+    with torch.inference_mode():
+        for step in range(3):
+            sync(device)
+            start = time.perf_counter()
+            model(x, use_cache=False)
+            sync(device)
+            if step:
+                times.append(time.perf_counter() - start)
+    return {"seconds": sum(times) / len(times), "peak_gib": peak_memory_gib(device)}
+
+
 def alibi_forward(device, dtype, config: dict, lengths: list[int], toy: bool, rows, clock, save) -> None:
     labels = {"eager": "flex", "flex_attention": "flex", "flash_attention_2": "flash-attn 2"}  # eager: CPU toy
     variants = [("native BLOOM eager", None), *((f"hf_posenc alibi {labels.get(a, a)}", a) for a in backends(toy))]
@@ -282,21 +299,7 @@ def alibi_forward(device, dtype, config: dict, lengths: list[int], toy: bool, ro
         if attn is not None:
             hf_posenc.patch(model, "alibi", attn_implementation=attn)
         for length in lengths:
-
-            def measure(length: int = length) -> dict:
-                reset_memory(device)
-                x = torch.randint(0, config["vocab_size"], (1, length), device=device)
-                times = []
-                with torch.inference_mode():
-                    for step in range(3):  # the first warms up (and compiles flex for this length)
-                        sync(device)
-                        start = time.perf_counter()
-                        model(x, use_cache=False)
-                        sync(device)
-                        if step:
-                            times.append(time.perf_counter() - start)
-                return {"seconds": sum(times) / len(times), "peak_gib": peak_memory_gib(device)}
-
+            measure = functools.partial(timed_forward, model, config, device, length)
             row(rows, clock, {"variant": label, "tokens": length}, measure, save)
 
 
@@ -321,21 +324,7 @@ def windowed_forward(device, dtype, config: dict, lengths: list[int], toy: bool,
     for label, scheme, params in variants:
         hf_posenc.patch(model, scheme, attn_implementation=attn, replace=True, **params)
         for length in lengths:
-
-            def measure(length: int = length) -> dict:
-                reset_memory(device)
-                x = torch.randint(0, config["vocab_size"], (1, length), device=device)
-                times = []
-                with torch.inference_mode():
-                    for step in range(3):  # the first warms up (and compiles flex for this length)
-                        sync(device)
-                        start = time.perf_counter()
-                        model(x, use_cache=False)
-                        sync(device)
-                        if step:
-                            times.append(time.perf_counter() - start)
-                return {"seconds": sum(times) / len(times), "peak_gib": peak_memory_gib(device)}
-
+            measure = functools.partial(timed_forward, model, config, device, length)
             row(rows, clock, {"variant": f"{label}, {attn}", "tokens": length}, measure, save)
 
 

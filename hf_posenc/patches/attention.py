@@ -71,16 +71,36 @@ def eager_alibi_attention(
     slopes = _slopes(module)
     if slopes is not None:
         scores = scores + alibi_bias(slopes, q_len, kv_len).to(scores.dtype)[None]
+    return masked_softmax_attention(module, scores, value, attention_mask, dropout)
+
+
+def masked_softmax_attention(
+    module: nn.Module, scores: torch.Tensor, value: torch.Tensor, attention_mask: Any, dropout: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rest of eager attention from (B, H, q, kv) scores: the mask (causal when None; boolean or
+    additive; a flex BlockMask made dense), fp32 softmax, dropout, the values. Returns (B, q, H, D) and
+    the probabilities."""
+    q_len, kv_len = scores.shape[-2:]
+    attention_mask = dense_mask(attention_mask, scores.shape[0], q_len, kv_len)
     if attention_mask is None:
         scores = scores.masked_fill(~_causal(q_len, kv_len, scores.device), torch.finfo(scores.dtype).min)
     elif attention_mask.dtype == torch.bool:
         scores = scores.masked_fill(~attention_mask[:, :, :, :kv_len], torch.finfo(scores.dtype).min)
     else:
         scores = scores + attention_mask[:, :, :, :kv_len]
-    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
     probs = F.dropout(probs, p=dropout, training=module.training)
     out = torch.matmul(probs, value)
     return out.transpose(1, 2).contiguous(), probs
+
+
+def dense_mask(mask: Any, batch: int, q_len: int, kv_len: int) -> Any:
+    """A flex BlockMask evaluated into a dense boolean (B, 1, q, kv) mask; any other mask as it is."""
+    from torch.nn.attention.flex_attention import BlockMask, create_mask
+
+    if isinstance(mask, BlockMask):
+        return create_mask(mask.mask_mod, batch, 1, q_len, kv_len, device=mask.kv_num_blocks.device)
+    return mask
 
 
 def sdpa_alibi_attention(
@@ -151,11 +171,7 @@ def _flex_failed(kind: tuple[str, str]) -> None:
 
 def _sdpa_instead(module, query, key, value, attention_mask, scaling, kwargs) -> tuple[torch.Tensor, None]:
     """The same attention through the sdpa backend (a BlockMask evaluated into a dense boolean mask)."""
-    from torch.nn.attention.flex_attention import BlockMask, create_mask
-
-    if isinstance(attention_mask, BlockMask):
-        batch, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
-        attention_mask = create_mask(attention_mask.mask_mod, batch, 1, q_len, kv_len, device=query.device)
+    attention_mask = dense_mask(attention_mask, query.shape[0], query.shape[2], key.shape[2])
     return sdpa_alibi_attention(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
 

@@ -141,11 +141,7 @@ class S2Attention(PatchHandle):
     """S²-Attn on a model's attention modules (``enable_s2_attn``); :meth:`undo` removes it."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self._undo = []
-        self.active = True
-        self.owned_keys = []
-        self.after_load = []
+        super().__init__(model, scheme=None, adapter=None)  # not a position patch: no scheme, no adapter
 
     def __repr__(self) -> str:
         return f"S2Attention({'active' if self.active else 'undone'})"

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from .._compat import recompile_headroom
 from ..errors import UnsupportedSchemeError
 from ..schemes.windowed import WindowedScheme
+from .attention import _repeat_kv, masked_softmax_attention
 from .backends import BACKENDS, AttentionTerm
 from .context import DecoderPositions
 from .rotary import PosencRotaryEmbedding
@@ -56,11 +57,6 @@ class WindowedRotaryTerm(AttentionTerm):
 
     def __init__(self, scheme: WindowedScheme, rotary: PosencRotaryEmbedding, context: DecoderPositions) -> None:
         super().__init__()
-        if rotary.layout not in ("cat", "interleave"):
-            raise UnsupportedSchemeError(
-                f"{scheme.name} rotates queries and keys itself and knows the cat and interleaved layouts; this "
-                f"family's tables are {rotary.layout!r}."
-            )
         self.scheme = scheme
         self.rotary = rotary
         self.context = context
@@ -111,21 +107,7 @@ class WindowedRotaryTerm(AttentionTerm):
         value = _repeat_kv(value, groups)
         scores = [torch.matmul(q, _repeat_kv(k, groups).transpose(2, 3)) * scaling for q, k in (near, far)]
         scores = torch.where(inside[:, None], scores[0], scores[1])
-        q_len, kv_len = scores.shape[-2:]
-        attention_mask = _dense_mask(attention_mask, scores.shape[0], q_len, kv_len)
-        if attention_mask is None:
-            causal = (
-                torch.arange(kv_len, device=scores.device)[None]
-                <= torch.arange(kv_len - q_len, kv_len, device=scores.device)[:, None]
-            )
-            scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
-        elif attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask[:, :, :, :kv_len], torch.finfo(scores.dtype).min)
-        else:
-            scores = scores + attention_mask[:, :, :, :kv_len]
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
-        probs = F.dropout(probs, p=dropout, training=module.training)
-        return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+        return masked_softmax_attention(module, scores, value, attention_mask, dropout)
 
     def _flex(self, module, near, far, value, attention_mask, positions, scaling, dropout):
         """One flex pass over the keys twice: channels ``[near | far]`` in the queries, keys
@@ -226,16 +208,3 @@ def _doubled_block_mask(mask: Any, kv_len: int, offset: int) -> Any:
     return BlockMask.from_kv_blocks(
         num, idx, BLOCK_SIZE=mask.BLOCK_SIZE, mask_mod=mask_mod, seq_lengths=(mask.seq_lengths[0], 2 * offset)
     )
-
-
-def _dense_mask(mask: Any, batch: int, q_len: int, kv_len: int) -> torch.Tensor | None:
-    """A flex BlockMask evaluated into a dense boolean (B, 1, q, kv) mask; other masks as they are."""
-    from torch.nn.attention.flex_attention import BlockMask, create_mask
-
-    if isinstance(mask, BlockMask):
-        return create_mask(mask.mask_mod, batch, 1, q_len, kv_len, device=mask.kv_num_blocks.device)
-    return mask
-
-
-def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
