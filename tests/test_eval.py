@@ -96,6 +96,28 @@ def test_probes_are_deterministic_and_sized(task):
     assert needles == {"passkey": 0, "needle": 1, "multikey": 4}[task]
 
 
+def _word_tokenizer():
+    """Words without their spaces: counting sentences one by one overestimates the joined text by one
+    token per sentence, as a byte-level BPE does (a space joins into the next word's token)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab={"<unk>": 0}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+@pytest.mark.parametrize("task", ["passkey", "needle", "multikey"])
+@pytest.mark.parametrize("length", [300, 2000])
+def test_prompts_have_the_requested_length(task, length):
+    """The real count of the joined prompt is at most the length and short of it by less than one
+    haystack sentence (passkey filler: 4 words; KJV sentences: well under 120 words)."""
+    text = " ".join(load_texts("kjv")[:2])
+    probe = make_probe(task, _word_tokenizer(), length, 0.5, seed=1, haystack_text=text)
+    assert probe.n_tokens == len(probe.prompt.split())
+    assert length - (5 if task == "passkey" else 120) < probe.n_tokens <= length
+
+
 def test_depth_places_the_needle():
     tok = char_tokenizer()
     early = make_probe("passkey", tok, 800, 0.0, seed=0)

@@ -79,40 +79,61 @@ def build_prompt(
     """Fill ``intro + haystack sentences + question`` up to ``target_tokens`` and insert each
     ``(depth, sentence)`` needle at that fraction of the haystack. Returns (prompt, token count).
 
+    The prompt holds as many haystack sentences (cycled, in order, then topped up with later ones that
+    still fit) as its real token count allows: at most ``target_tokens``, short of it by less than the
+    shortest sentence skipped.
+
     Raises :class:`InvalidParameterError` when ``target_tokens`` cannot hold the intro, the question
     and the needles themselves."""
 
     def count(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    fixed = count(intro) + count(question) + sum(count(n) + 1 for _, n in needles) + 2
+    def assemble(sentences: list[str]) -> tuple[str, int]:
+        chosen = list(sentences)
+        for d, needle in sorted(needles, key=lambda n: n[0], reverse=True):
+            chosen.insert(round(d * len(chosen)), needle)
+        prompt = " ".join([intro, *chosen, question])
+        return prompt, count(prompt)
+
+    def first(k: int) -> list[str]:
+        return [haystack[i % len(haystack)] for i in range(k)]
+
+    fixed = assemble([])[1]
     if fixed > target_tokens:
         raise InvalidParameterError(
             f"A {task} prompt of {target_tokens} tokens is too short: its instructions, question and "
             f"needle(s) alone take {fixed} tokens with this tokenizer. Use retrieval lengths of at least "
             f"{fixed} tokens (--retrieval-lengths), better several times that."
         )
-    budget = target_tokens - fixed
-    chosen: list[str] = []
-    used, i, misses = 0, 0, 0
-    while haystack and misses < 20:  # skip sentences too long for what is left, then stop
-        sentence = haystack[i % len(haystack)]
-        i += 1
-        cost = count(sentence) + 1
-        if used + cost > budget:
+    if not haystack:
+        return assemble([])
+
+    # The prompt grows with the number k of haystack sentences: find the largest k whose joined prompt fits
+    # (counting sentences one by one would overestimate: a space joins into the next token), then top it
+    # up with later sentences short enough for what is left.
+    low, high = 0, 1
+    while assemble(first(high))[1] <= target_tokens:
+        low, high = high, high * 2
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if assemble(first(mid))[1] <= target_tokens else (low, mid)
+    chosen, misses = first(low), 0
+    for i in range(low, low + len(haystack)):
+        if misses == 20:
+            break
+        candidate = [*chosen, haystack[i % len(haystack)]]
+        if assemble(candidate)[1] <= target_tokens:
+            chosen = candidate
+        else:
             misses += 1
-            continue
-        chosen.append(sentence)
-        used += cost
-    for d, needle in sorted(needles, key=lambda n: n[0], reverse=True):
-        chosen.insert(round(d * len(chosen)), needle)
-    prompt = " ".join([intro, *chosen, question])
-    return prompt, count(prompt)
+    return assemble(chosen)
 
 
 def make_probe(task: str, tokenizer, length: int, depth: float, seed: int, haystack_text: str = "") -> Probe:
-    """A deterministic probe for (task, length, depth, seed)."""
-    rng = random.Random(f"{task}-{seed}-{length}-{depth}")
+    """A deterministic probe for (task, length, depth, seed); its needle(s) and values depend on (task,
+    depth, seed) only, so a length sweep asks the same question over more haystack."""
+    rng = random.Random(f"{task}-{seed}-{depth}")  # the same needles at every length
     if task == "passkey":
         value = str(rng.randint(10000, 99999))
         prompt, n = build_prompt(
