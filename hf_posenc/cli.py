@@ -187,10 +187,20 @@ def _load(model_name: str, device: str = "auto", dtype: str = "auto", attn: str 
     return path, model.to(device).eval(), tokenizer
 
 
-def _run(model_name: str, spec, out: str, threads: int | None, plots: bool, device="auto", dtype="auto") -> int:
+def _run(
+    model_name: str,
+    spec,
+    out: str,
+    threads: int | None,
+    plots: bool,
+    device="auto",
+    dtype="auto",
+    resume: bool = False,
+) -> int:
     import torch
 
     from .eval import markdown_report, plot_results, run_eval, write_json
+    from .eval.journal import Journal
 
     if threads is not None:
         if threads < 1:
@@ -207,7 +217,10 @@ def _run(model_name: str, spec, out: str, threads: int | None, plots: bool, devi
         f"{model.device}, {str(model.dtype).replace('torch.', '')}, {model.config._attn_implementation}{saved}); "
         f"text: {spec.data}; schemes: {', '.join(spec.schemes)}; tasks: {', '.join(spec.tasks)}"
     )
-    output = run_eval(model, tokenizer, spec)
+    journal = Journal(out_dir / "journal.jsonl", resume=resume)
+    if resume:
+        print(f"resuming: {len(journal)} finished results in {journal.path}")
+    output = run_eval(model, tokenizer, spec, journal=journal)
     output["model"] = path
     report = markdown_report(output)
     write_json(output, out_dir / "results.json")
@@ -249,9 +262,10 @@ def _eval(args: argparse.Namespace) -> int:
         stride=args.stride,
         max_windows=args.max_windows,
         batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
         attn_implementation=args.attn,
     )
-    return _run(args.model, spec, args.out, args.threads, not args.no_plots, args.device, args.dtype)
+    return _run(args.model, spec, args.out, args.threads, not args.no_plots, args.device, args.dtype, args.resume)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -310,9 +324,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: non-overlapping)")
     e.add_argument("--max-windows", type=int, default=1, help="windows per length")
     e.add_argument("--batch-size", type=int, default=1, help="windows per forward")
+    e.add_argument("--max-new-tokens", type=int, default=12, help="greedy tokens generated per retrieval probe")
     e.add_argument("--out", default="out/eval", help="folder for results.json, report.md and plots")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     e.add_argument("--no-plots", action="store_true")
+    e.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the finished results in OUT/journal.jsonl (same weights, scheme, backend and inputs); "
+        "without it the journal starts empty",
+    )
     e.add_argument(
         "--attn",
         default=None,

@@ -231,6 +231,46 @@ def test_cli_eval(tmp_path, capsys):
     assert json.loads((out / "results.json").read_text())["spec"]["lengths"] == [64, 96]
 
 
+def test_cli_eval_resumes_from_its_journal(tmp_path, monkeypatch, capsys):
+    """--resume reuses every finished result (a crash's cut-short last line is recomputed), adds only the
+    new trials, gives the same numbers as a fresh run, and never reuses answers recorded for other weights."""
+    from hf_posenc.eval import runner
+
+    path = tmp_path / "model"
+    tiny_model("llama").save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    out = tmp_path / "out"
+    calls = []
+    real = runner.greedy_continuation
+    monkeypatch.setattr(runner, "greedy_continuation", lambda *a, **k: calls.append(1) or real(*a, **k))
+    base = ["eval", str(path), "--schemes", "none,linear:factor=2", "--tasks", "ppl,passkey", "--lengths", "64"]
+    base += ["--retrieval-lengths", "300", "--depths", "0.5", "--out", str(out), "--no-plots", "--max-new-tokens"]
+
+    def run(trials: int, *extra: str) -> dict:
+        calls.clear()
+        assert main([*base, "4", "--trials", str(trials), *extra]) == 0
+        results = json.loads((out / "results.json").read_text())["results"]
+        return {label: {k: v for k, v in entry.items() if k != "seconds"} for label, entry in results.items()}
+
+    fresh = run(3)
+    assert len(calls) == 6
+    journal = out / "journal.jsonl"
+    lines = journal.read_text().splitlines()
+    assert len(lines) == 8  # 2 perplexities + 6 answers
+    journal.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:10])  # killed while writing the last line
+    resumed = run(3, "--resume")
+    assert len(calls) == 1 and "resuming: 7 finished results" in capsys.readouterr().out
+    assert resumed == fresh
+    run(4, "--resume")
+    assert len(calls) == 2  # only the new trial, for each scheme
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.5)
+    model.save_pretrained(path)
+    run(4, "--resume")
+    assert len(calls) == 8  # other weights: nothing reused
+
+
 def test_lm_eval_bridge_sees_the_patch(tmp_path):
     pytest.importorskip("lm_eval")
     import hf_posenc

@@ -14,9 +14,10 @@ from ..errors import InvalidParameterError
 from ..record import read_record
 from ..specs import format_scheme_spec, parse_scheme_spec
 from .data import load_texts, token_stream
+from .journal import Journal, entry_key, model_key
 from .perplexity import evaluate_perplexity
 from .retrieval import TASKS as RETRIEVAL_TASKS
-from .retrieval import make_probe, run_retrieval
+from .retrieval import greedy_continuation, make_probe, run_retrieval
 
 ALL_TASKS = ("ppl", *RETRIEVAL_TASKS)
 
@@ -86,8 +87,14 @@ def _check_lengths(name: str, lengths, minimum: int, hint: str) -> None:
         raise InvalidParameterError(f"{name} must be integers >= {minimum} tokens, got {bad} in {list(lengths)}.")
 
 
-def run_eval(model: nn.Module, tokenizer, spec: EvalSpec, *, progress: bool = True, log=print) -> dict:
+def run_eval(
+    model: nn.Module, tokenizer, spec: EvalSpec, *, progress: bool = True, log=print, journal: Journal | None = None
+) -> dict:
     """Results as a JSON-ready dict: ``{"spec": ..., "saved_scheme": ..., "results": {scheme: {task: ...}}}``.
+
+    With a :class:`~hf_posenc.eval.journal.Journal`, each perplexity result and each generated answer is
+    recorded as it finishes and taken from the journal when already there (same weights, scheme, backend
+    and inputs), so an interrupted run resumes and a rerun with more trials or schemes reuses the rest.
 
     A model hf_posenc already patched (a saved patched checkpoint loaded with
     :func:`hf_posenc.from_pretrained`) is evaluated as it is: only ``schemes=["none"]`` is accepted, its
@@ -124,6 +131,8 @@ def run_eval(model: nn.Module, tokenizer, spec: EvalSpec, *, progress: bool = Tr
             f"The text {spec.data!r} has {len(tokens)} tokens: too few for one window of {max(spec.lengths)}. "
             "Use a longer text (--data) or shorter lengths."
         )
+    weights = model_key(model) if journal is not None else None
+    tokens_hash = entry_key({"tokens": list(tokens)}) if journal is not None and tokens else None
     for scheme_spec in spec.schemes:
         parsed = parse_scheme_spec(scheme_spec)
         label = format_scheme_spec(parsed) if parsed is not None else label_of_model
@@ -136,19 +145,34 @@ def run_eval(model: nn.Module, tokenizer, spec: EvalSpec, *, progress: bool = Tr
         )
         with scope:
             entry["attn_implementation"] = model.config._attn_implementation
+            backend = model.config._attn_implementation
             if "ppl" in spec.tasks:
-                entry["ppl"] = [
-                    evaluate_perplexity(
-                        model,
-                        tokens,
-                        length,
-                        stride=spec.stride,
-                        max_windows=spec.max_windows,
-                        batch_size=spec.batch_size,
-                        progress=progress,
-                    ).to_dict()
-                    for length in spec.lengths
-                ]
+                entry["ppl"] = []
+                for length in spec.lengths:
+                    fields = {
+                        "kind": "ppl", "model": weights, "scheme": label, "attn": backend, "tokens": tokens_hash,
+                        "length": length, "stride": spec.stride, "max_windows": spec.max_windows,
+                        "batch_size": spec.batch_size,
+                    }  # fmt: skip
+                    done = journal.get(fields) if journal is not None else None
+                    if done is None:
+                        done = evaluate_perplexity(
+                            model,
+                            tokens,
+                            length,
+                            stride=spec.stride,
+                            max_windows=spec.max_windows,
+                            batch_size=spec.batch_size,
+                            progress=progress,
+                        ).to_dict()
+                        if journal is not None:
+                            journal.put(fields, done)
+                    entry["ppl"].append(done)
+            answer_fn = None
+            if journal is not None:
+                answer_fn = _journaled_answers(
+                    journal, model, tokenizer, spec.max_new_tokens, weights=weights, scheme=label, attn=backend
+                )
             for task in retrieval_tasks:
                 entry[task] = run_retrieval(
                     task,
@@ -161,8 +185,23 @@ def run_eval(model: nn.Module, tokenizer, spec: EvalSpec, *, progress: bool = Tr
                     haystack_text=haystack,
                     max_new_tokens=spec.max_new_tokens,
                     progress=progress,
+                    answer_fn=answer_fn,
                 ).to_dict()
         entry["seconds"] = time.perf_counter() - start
         results[label] = entry
         log(f"  {label}: done in {entry['seconds']:.0f} s")
     return {"spec": asdict(spec), "saved_scheme": saved, "results": results}
+
+
+def _journaled_answers(journal: Journal, model: nn.Module, tokenizer, max_new_tokens: int, **context):
+    """Greedy answers taken from the journal when recorded for the same context and prompt."""
+
+    def answer(prompt: str) -> str:
+        fields = {"kind": "answer", **context, "max_new_tokens": max_new_tokens, "prompt": entry_key({"p": prompt})}
+        done = journal.get(fields)
+        if done is None:
+            done = greedy_continuation(model, tokenizer, prompt, max_new_tokens)
+            journal.put(fields, done)
+        return done
+
+    return answer

@@ -1,0 +1,67 @@
+"""A resumable record of finished evaluation work: one JSON line per perplexity result or generated
+answer, appended and flushed as each finishes, so a long evaluation stopped at any point (a CPU run of
+hours, a lost GPU lease) continues where it stopped. Entries are keyed by what determines them (model
+weights, scheme, backend, task inputs), so a rerun with more trials, depths or schemes reuses the probes
+already answered and a changed model or prompt never reuses a stale one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..record import fingerprint
+
+
+def model_key(model: nn.Module) -> str:
+    """A hash of the model's weights and dtype: answers recorded for other weights are never reused."""
+    params = {name: p for name, p in model.named_parameters()}
+    return fingerprint(params) or "no-parameters"
+
+
+def entry_key(fields: dict[str, Any]) -> str:
+    """A stable hash of the fields that determine an entry (a prompt enters by its own hash)."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+class Journal:
+    """Append-only JSON lines at ``path``; ``resume=False`` starts it empty. A line cut short by a crash
+    is skipped on reading (the entry is recomputed)."""
+
+    def __init__(self, path: str | Path, *, resume: bool = False) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.entries: dict[str, Any] = {}
+        self.reused = 0
+        kept: list[str] = []
+        if resume and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                self.entries[record["key"]] = record["value"]
+                kept.append(line)
+        staged = self.path.with_name(self.path.name + ".tmp")  # rewritten whole, without a cut-short line
+        staged.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(staged, self.path)
+
+    def get(self, fields: dict[str, Any]) -> Any | None:
+        value = self.entries.get(entry_key(fields))
+        self.reused += value is not None
+        return value
+
+    def put(self, fields: dict[str, Any], value: Any) -> None:
+        key = entry_key(fields)
+        self.entries[key] = value
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({"key": key, "fields": fields, "value": value}) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def __len__(self) -> int:
+        return len(self.entries)
