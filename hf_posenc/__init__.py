@@ -27,6 +27,7 @@ from .loading import from_pretrained
 from .patches import PatchHandle, list_architectures, refresh_count
 from .patches.shifted import enable_s2_attn
 from .schemes import SchemeConfig, list_schemes
+from .serving import export
 
 __all__ = [
     "enable_s2_attn",
@@ -45,6 +46,7 @@ __all__ = [
     "UnknownSchemeError",
     "UnsupportedSchemeError",
     "__version__",
+    "export",
     "from_pretrained",
     "get_handle",
     "is_patched",

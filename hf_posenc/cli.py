@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -51,6 +52,59 @@ def _patch(args: argparse.Namespace) -> int:
     else:
         print("note: no tokenizer found next to the model; saved the model only", file=sys.stderr)
     print(f"saved {name} patched with {handle.scheme.name} to {out}; load it with hf_posenc.from_pretrained()")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .api import is_patched, make_scheme, patch
+    from .serving import EXPORT_RECORD, export
+    from .specs import parse_scheme_spec
+
+    parsed = parse_scheme_spec(args.scheme) if args.scheme else None
+    if parsed is not None:
+        make_scheme(parsed[0], **parsed[1])  # an unknown scheme or parameter fails before the model loads
+    out = Path(args.out).expanduser()
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / EXPORT_RECORD).is_file())):
+        raise InvalidParameterError(
+            f"--out {args.out} exists and is not an earlier export (no {EXPORT_RECORD}); give a new or empty folder."
+        )
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    name, model, tokenizer = _load(args.model, "cpu", "float32")
+    if parsed is not None:
+        if is_patched(model):
+            raise InvalidParameterError(
+                f"{args.model} is a checkpoint saved patched: export it as it is (omit --scheme), or export the base "
+                "checkpoint with --scheme."
+            )
+        patch(model, parsed[0], **parsed[1])
+    result = export(
+        model,
+        out,
+        args.target,
+        tokenizer=tokenizer,
+        dtype=args.dtype,
+        accept=args.accept,
+        verify=args.verify,
+        verify_text=args.verify_text,
+        verify_tokens=args.verify_tokens,
+    )
+    print(f"exported {name} ({result.scheme}) for {result.target} {result.engine_version or '(engine not installed)'}")
+    print(f"  wrote: {json.dumps(result.written)}")
+    for note in result.notes:
+        print(f"  note: {note}")
+    if result.serve:
+        print(f"  serve: {result.serve}")
+    if result.verify is not None:
+        v = result.verify
+        print(
+            f"  verified on {v['tokens']} tokens of {v['text']}: max |Δ log-prob| {v['max_abs_diff']:.2e} "
+            f"(tolerance {v['tolerance']:g}), perplexity {v['ppl_model']:.4f} (model) vs {v['ppl_engine']:.4f} "
+            f"({result.target})"
+        )
+    print(f"  record: {out / EXPORT_RECORD}")
     return 0
 
 
@@ -301,6 +355,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("scheme", help="scheme spec, e.g. yarn:factor=4 or linear:factor=2")
     p.add_argument("--out", required=True, help="output folder: new, empty, or a previous output (overwritten)")
     p.set_defaults(func=_patch)
+
+    x = sub.add_parser(
+        "export", parents=[common], help="write a model for a serving engine (vllm, llama.cpp), checked by running it"
+    )
+    x.add_argument("model", help="HF folder (saved patched or plain), hub id, 'smollm2', or tiny:<model_type>")
+    x.add_argument("--target", required=True, help="transformers, vllm or llama.cpp")
+    x.add_argument("--out", required=True, help="output folder: new, empty, or an earlier export (overwritten)")
+    x.add_argument("--scheme", default=None, help="patch a base checkpoint first, e.g. yarn:factor=2")
+    x.add_argument("--dtype", default="f32", help="f32 or f16 (bf16 for transformers/vllm); never quantised")
+    x.add_argument("--accept", type=_csv(str), default=[], help="consequences accepted, e.g. longrope_long_factors")
+    x.add_argument("--verify", action="store_true", help="load the export in the engine and compare log-probs")
+    x.add_argument("--verify-text", default="kjv", help="text scored by --verify (as eval's --data)")
+    x.add_argument("--verify-tokens", type=int, default=512, help="tokens scored by --verify")
+    x.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    x.set_defaults(func=_export)
 
     e = sub.add_parser("eval", parents=[common], help="perplexity vs length, passkey, needle: schemes side by side")
     e.add_argument(

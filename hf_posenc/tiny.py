@@ -82,3 +82,25 @@ def tiny_model(model_type: str = "llama", *, seed: int = 0, attn: str = "eager",
     torch.manual_seed(seed)
     config = tiny_config(model_type, **overrides)
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+
+
+def byte_bpe_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE tokenizer (GPT-2 style, as SmolLM2's) trained on the embedded corpus: 256 byte
+    symbols, ``vocab_size - 257`` merges and ``<eos>`` (id 0). Deterministic; for tiny models that need a
+    real subword tokenizer (``tiny_model(..., vocab_size=vocab_size)``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from .eval.data import load_texts
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([load_texts("kjv")[0][:200_000]], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
