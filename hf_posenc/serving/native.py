@@ -41,6 +41,14 @@ class NativeForm:
         return self.rope_parameters.get("rope_type", self.rope_parameters.get("type", "default"))
 
     @property
+    def context(self) -> int | None:
+        """The context to serve: ``max_position_embeddings``, or original x factor where the rope says more."""
+        params = self.rope_parameters if self.rope_parameters and not self.per_layer_type else {}
+        original, factor = params.get("original_max_position_embeddings"), params.get("factor")
+        extended = int(original * factor) if original and factor else None
+        return max(filter(None, (self.max_position_embeddings, extended)), default=None)
+
+    @property
     def per_layer_type(self) -> bool:
         """Per-layer-type rope (Gemma-3, ...): ``{layer_type: {...}}`` instead of one dict."""
         return bool(self.rope_parameters) and all(isinstance(v, dict) for v in self.rope_parameters.values())

@@ -15,7 +15,15 @@ def main() -> None:
     with open(sys.argv[1]) as handle:
         request = json.load(handle)
     ids = request["ids"]
-    llm = LLM(model=request["model"], dtype="float32", enforce_eager=True, max_model_len=len(ids) + 1, seed=0)
+    llm = LLM(
+        model=request["model"],
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=len(ids) + 1,
+        seed=0,
+        # on the CPU backend this is the share of host memory vLLM reserves (weights + KV cache)
+        gpu_memory_utilization=request.get("memory_fraction", 0.25),
+    )
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
     out = llm.generate([TokensPrompt(prompt_token_ids=ids)], params)[0]
     logprobs = [entry[token].logprob for entry, token in zip(out.prompt_logprobs[1:], ids[1:], strict=True)]
