@@ -134,9 +134,12 @@ UNCHECKED: dict[str, str] = {
     "zaya": "a tiny model's output does not change with the rope scaling (nothing to compare)",
 }
 
+_SMALL_MAMBA = {"mamba_n_heads": 4, "mamba_d_head": 32, "mamba_d_state": 16, "mamba_chunk_size": 16}
 #: tiny-model needs found per family (beyond the generic shrink)
 TINY_OVERRIDES: dict[str, dict[str, Any]] = {
-    "bamba": {"attn_layer_indices": [1]},
+    # Mamba-2 hybrids: their default SSM (128 heads, state 256, chunks of 256) makes a tiny model slow on CPU
+    "bamba": {"attn_layer_indices": [1], **_SMALL_MAMBA},
+    "falcon_h1": {"mamba_d_ssm": 128, **_SMALL_MAMBA},
     "deepseek_v2": {"num_experts_per_tok": 2},
     "dots1": {"n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1},
     "gemma3n_text": {"num_kv_shared_layers": 0},

@@ -3,17 +3,22 @@
 # PyPI ships it as a source distribution whose full build (server, multimodal, common) takes ~8 minutes on
 # 2 cores; only libllama is needed, so it is built once with cmake (~2 minutes) into a cache folder that
 # later venvs and runs reuse, and the Python package is installed without compiling.
-# Usage: scripts/install_llama_cpp.sh VENV   (cache: $HF_POSENC_BUILD_CACHE, default .cache/)
+# Usage: scripts/install_llama_cpp.sh VENV | --build-only   (cache: $HF_POSENC_BUILD_CACHE, default .cache/)
+# --build-only fills the cache (CI starts it in the background while the venvs install); a concurrent
+# install waits for it on the cache's lock.
 set -euo pipefail
-VENV=${1:?usage: scripts/install_llama_cpp.sh VENV}
+VENV=${1:?usage: scripts/install_llama_cpp.sh VENV | --build-only}
 VERSION=0.3.36
 CACHE=$(realpath -m "${HF_POSENC_BUILD_CACHE:-.cache}/llama-cpp-python-$VERSION")
 SDIST=$CACHE/llama_cpp_python-$VERSION.tar.gz
 PIP="$VENV/bin/pip install -q --disable-pip-version-check"
 
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.lock"
+flock 9
 if [ ! -f "$CACHE/lib/libllama.so" ]; then
   mkdir -p "$CACHE/src"
-  [ -f "$SDIST" ] || "$VENV/bin/pip" download -q --disable-pip-version-check --no-deps --no-binary :all: \
+  [ -f "$SDIST" ] || python3 -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
     "llama-cpp-python==$VERSION" -d "$CACHE"
   tar xzf "$SDIST" -C "$CACHE/src" --strip-components=1
   cmake -S "$CACHE/src/vendor/llama.cpp" -B "$CACHE/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
@@ -24,6 +29,8 @@ if [ ! -f "$CACHE/lib/libllama.so" ]; then
   mkdir -p "$CACHE/lib"
   cp -P "$CACHE"/build/bin/lib*.so* "$CACHE/lib/"
 fi
+flock -u 9
+[ "$VENV" = "--build-only" ] && exit 0
 $PIP numpy typing-extensions diskcache jinja2
 CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $PIP --no-deps "$SDIST"
 SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")

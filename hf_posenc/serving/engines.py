@@ -132,6 +132,10 @@ class TransformersEngine(Engine):
     aliases = ("hf",)
     package = "transformers"
 
+    def check(self, native: NativeForm, accept: frozenset[str]) -> list[str]:
+        form = f"rope_type {native.rope_type}" if native.rope_type else "the family's own position handling"
+        return [f"checked: {native.label} is native to {native.model_type} ({form} in config.json)"]
+
     def serve_hint(self, out_dir: Path, native: NativeForm, written: dict) -> str:
         return f"AutoModelForCausalLM.from_pretrained({str(out_dir)!r})  # plain transformers, no hf_posenc"
 
@@ -180,6 +184,8 @@ class VllmEngine(Engine):
                     "(older releases drop mscale/mscale_all_dim, vllm#48351); hf_posenc refuses what it has not "
                     "verified. Use attention_factor instead of mscale, or export for transformers."
                 )
+        form = f"rope_type {rope_type}" if rope_type else "the family's own position handling"
+        notes.append(f"checked: {native.label} is native to {native.model_type}; vLLM reads {form} as transformers")
         return notes
 
     def require(self) -> None:
@@ -242,7 +248,12 @@ class LlamaCppEngine(Engine):
                 f"GGUF export covers the LLaMA architecture ({', '.join(GGUF_LLAMA_MODEL_TYPES)}); this model is "
                 f"{native.model_type!r}. Export it for transformers or vllm."
             )
-        gguf_rope(native, head_dim=2)  # refuses before any file is written
+        rope = gguf_rope(native, head_dim=2)  # refuses before any file is written
+        notes.append(
+            f"checked: rope_type {native.rope_type} is written as llama.cpp rope scaling {rope['type']!r}"
+            + (" with rope_freqs" if "freq_factors" in rope else "")
+            + "; the LLaMA layout (no biases, SiLU, no sliding window, full rotary) is checked when writing"
+        )
         return notes
 
     def write(self, model: nn.Module, tokenizer: Any, out_dir: Path, native: NativeForm, dtype: str) -> dict:
