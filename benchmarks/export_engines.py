@@ -81,14 +81,17 @@ def matrix(tokens: int = 200) -> list[dict]:
             row = {"scheme": label, "engine": engine}
             with tempfile.TemporaryDirectory() as tmp:
                 try:
-                    result = export(tiny(tok, spec), tmp, engine, tokenizer=tok, verify=available(engine),
-                                    verify_tokens=tokens)  # fmt: skip
+                    model = tiny(tok, spec)
+                    n = tokens if engine != "vllm" else min(tokens, model.config.max_position_embeddings - 1)
+                    result = export(model, tmp, engine, tokenizer=tok, verify=available(engine), verify_tokens=n)
                     row["status"] = "exported"
                     row["written"] = result.written.get("rope") or result.written.get("dtype")
                     row["verify"] = result.verify
                     row["engine_version"] = result.engine_version
                 except ExportRefusedError as error:
                     row["status"], row["reason"] = "refused", str(error)
+                except (RuntimeError, hf_posenc.PosencError) as error:  # recorded, not hidden
+                    row["status"], row["reason"] = "failed", str(error)[-500:]
             rows.append(row)
             print(row["scheme"], engine, row["status"], (row.get("verify") or {}).get("max_abs_diff", ""), flush=True)
     return rows
@@ -219,8 +222,10 @@ def markdown(results: dict) -> str:
                     cells.append("")
                 elif row["status"] == "refused":
                     cells.append(f"refused: {_short(row['reason'])}")
+                elif row["status"] == "failed":
+                    cells.append(f"FAILED: {_short(row['reason'])}")
                 elif row.get("verify"):
-                    cells.append(f"Δ {row['verify']['max_abs_diff']:.1e}")
+                    cells.append(f"Δ {row['verify']['max_abs_diff']:.1e} ({row['verify']['tokens']} tokens)")
                 else:
                     cells.append("exported (engine not installed: not verified)")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")

@@ -206,6 +206,25 @@ def test_longrope_on_vllm_only_when_accepted(tmp_path):
     assert result.serve == f"vllm serve {tmp_path} --max-model-len 256"
 
 
+def test_static_ntk_declares_the_extended_context(tmp_path):
+    """A plain rope_theta change, with max_position_embeddings = original x factor (vLLM sizes its tables by it)."""
+    model = tiny_model("llama")
+    hf_posenc.patch(model, "ntk", factor=4.0)
+    result = export(model, tmp_path, "vllm")
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == "default" and config["rope_parameters"]["rope_theta"] > 10000
+    assert config["max_position_embeddings"] == 256 and result.serve.endswith("--max-model-len 256")
+
+
+def test_vllm_verify_is_held_to_the_exported_context(tmp_path, monkeypatch):
+    monkeypatch.setattr(engines, "vllm_python", lambda required=True: "/nonexistent/python")
+    model = tiny_model("llama")
+    hf_posenc.patch(model, "yarn", factor=2.0)
+    with pytest.raises(hf_posenc.InvalidParameterError, match="at most 127 tokens"):
+        export(model, tmp_path / "x", "vllm", tokenizer=char_tokenizer(), verify=True, verify_tokens=200)
+    assert not (tmp_path / "x").exists()
+
+
 def test_bad_arguments_are_refused_with_the_options(tmp_path):
     model = tiny_model("llama")
     for call, message in [

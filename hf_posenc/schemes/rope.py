@@ -214,9 +214,13 @@ class NTKConfig(RotaryScheme):
     native_rope_type: ClassVar[str | None] = "default"
     factor: float | None = None
     alpha: float | None = None
+    #: the trained context; the native form declares ``original x scale`` as ``max_position_embeddings``,
+    #: so engines that size their tables by it (vLLM) serve the extended context
+    original_max_position_embeddings: int | None = None
 
     def validate(self) -> None:
         super().validate()
+        check_int(self.name, "original_max_position_embeddings", self.original_max_position_embeddings, optional=True)
         if (self.factor is None) == (self.alpha is None):
             raise InvalidParameterError("ntk: give exactly one of factor or alpha (they are synonyms).")
         check_number(self.name, "factor", self.factor, optional=True)
@@ -232,6 +236,16 @@ class NTKConfig(RotaryScheme):
 
     def rotary_inv_freq(self, dim: int, base: float, seq_len: int | None) -> torch.Tensor:
         return rm.default_inv_freq(dim, rm.ntk_base(dim, base, self.scale))
+
+    def _resolve_extra(self, info: ModelInfo) -> dict[str, Any]:
+        given = self.original_max_position_embeddings
+        if not (given or info.original_max_position_embeddings or info.max_position_embeddings):
+            return {}  # a config without a context length (BLOOM's): the native form keeps what it has
+        return {"original_max_position_embeddings": self._original_length(info, given)}
+
+    def native_max_position_embeddings(self) -> int | None:
+        original = self.original_max_position_embeddings
+        return None if original is None else int(original * self.scale)
 
     def native_rope_parameters(self, info: ModelInfo) -> dict[str, Any] | None:
         # A fixed NTK model is a plain RoPE model with a larger theta.

@@ -95,6 +95,12 @@ def export(
     notes = engine.check(native, frozenset(accept))
     if verify:
         engine.require()  # before anything is written
+        limit = engine.max_tokens(native)
+        if limit is not None and verify_tokens > limit:
+            raise InvalidParameterError(
+                f"{engine.name} runs at most {limit} tokens of this export (its context is {native.context}); "
+                f"use verify_tokens <= {limit}."
+            )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = engine.write(model, tokenizer, out, native, dtype)

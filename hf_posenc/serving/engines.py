@@ -75,6 +75,10 @@ class Engine:
     def serve_hint(self, out_dir: Path, native: NativeForm, written: dict) -> str:
         return ""
 
+    def max_tokens(self, native: NativeForm) -> int | None:
+        """The longest sequence the engine runs for this export (None: no limit of its own)."""
+        return None
+
     def logprobs(self, out_dir: Path, written: dict, ids: list[int]) -> np.ndarray:
         """log p(ids[t+1] | ids[:t+1]) for t < len(ids) - 1, as the engine computes it."""
         raise NotImplementedError
@@ -190,6 +194,10 @@ class VllmEngine(Engine):
 
     def require(self) -> None:
         vllm_python(required=True)
+
+    def max_tokens(self, native: NativeForm) -> int | None:
+        # vLLM sizes its rotary tables by the config and refuses max_model_len beyond it
+        return None if native.context is None else native.context - 1
 
     def serve_hint(self, out_dir: Path, native: NativeForm, written: dict) -> str:
         return f"vllm serve {out_dir} --max-model-len {native.context}"
