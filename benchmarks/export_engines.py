@@ -73,11 +73,11 @@ def available(engine: str) -> bool:
         return False
 
 
-def matrix(tokens: int = 200) -> list[dict]:
+def matrix(tokens: int = 200, engines: tuple[str, ...] = ENGINES) -> list[dict]:
     tok = byte_bpe_tokenizer()
     rows = []
     for label, spec in MATRIX:
-        for engine in ENGINES:
+        for engine in engines:
             row = {"scheme": label, "engine": engine}
             with tempfile.TemporaryDirectory() as tmp:
                 try:
@@ -117,10 +117,10 @@ def mistakes(tokens: int = 200) -> list[dict]:
     tok = AutoTokenizer.from_pretrained(smollm2_path())  # llama.cpp's converter recognises this tokenizer
     from hf_posenc.eval.data import load_texts, token_stream
 
-    ids = [int(i) for i in token_stream(tok, load_texts("kjv"), tokens)[:tokens]]
+    all_ids = [int(i) for i in token_stream(tok, load_texts("kjv"), tokens)[:tokens]]
     rows = []
     cases = [
-        ("vllm", "dynamic_ntk:factor=2", ("dynamic_ntk", {"factor": 2.0})),
+        ("vllm", "dynamic_ntk:factor=2", ("dynamic_ntk", {"factor": 2.0})),  # prompts within the original 64
         (
             "llama.cpp converter",
             "yarn:factor=4:attention_factor=1.3",
@@ -132,6 +132,7 @@ def mistakes(tokens: int = 200) -> list[dict]:
         if engine == "vllm" and not available("vllm"):
             continue
         model = tiny(tok, spec)
+        ids = all_ids[:60] if engine == "vllm" else all_ids  # vLLM: a prompt shorter than the original context
         reference = hf_model_logprobs(model, ids)
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
@@ -145,7 +146,7 @@ def mistakes(tokens: int = 200) -> list[dict]:
                 served = get_engine("llama.cpp").logprobs(folder, {"gguf": gguf.name}, ids)
             try:
                 fixed = export(model, folder / "export", engine.split()[0], tokenizer=tok, verify=True,
-                               verify_tokens=tokens)  # fmt: skip
+                               verify_tokens=len(ids))  # fmt: skip
                 answer = {
                     "export": "corrected",
                     "max_abs_diff": fixed.verify["max_abs_diff"],
@@ -156,7 +157,7 @@ def mistakes(tokens: int = 200) -> list[dict]:
         diff = np.abs(served - reference)
         rows.append(
             {
-                "engine": engine, "scheme": label, "tokens": tokens, "max_abs_diff": float(diff.max()),
+                "engine": engine, "scheme": label, "tokens": len(ids), "max_abs_diff": float(diff.max()),
                 "ppl_model": float(np.exp(-reference.mean())), "ppl_engine": float(np.exp(-served.mean())),
                 "converter_log": log, **answer,
             }
@@ -274,11 +275,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="matrix,mistakes,real")
     parser.add_argument("--real-tokens", type=int, default=8192)
+    parser.add_argument("--engines", default=",".join(ENGINES), help="matrix: rerun these engines' cells only")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    parts = {"matrix": matrix, "mistakes": mistakes, "real": lambda: real(args.real_tokens)}
+    engines = tuple(args.engines.split(","))
+
+    def rerun_matrix() -> list[dict]:
+        fresh = matrix(engines=engines)
+        kept = [r for r in results.get("matrix", []) if r["engine"] not in engines]
+        return sorted(
+            kept + fresh, key=lambda r: ([m[0] for m in MATRIX].index(r["scheme"]), ENGINES.index(r["engine"]))
+        )
+
+    parts = {"matrix": rerun_matrix, "mistakes": mistakes, "real": lambda: real(args.real_tokens)}
     for part in args.parts.split(","):
         results[part] = parts[part]()
         results["machine"] = f"{os.cpu_count()} CPU cores, torch {torch.__version__}"

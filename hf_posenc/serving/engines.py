@@ -7,11 +7,13 @@ scheme, so a new engine is one class here plus its tests.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -206,12 +208,23 @@ class VllmEngine(Engine):
         python = vllm_python()
         probe = Path(__file__).with_name("vllm_probe.py")
         with tempfile.TemporaryDirectory() as tmp:
-            request, reply = Path(tmp, "ids.json"), Path(tmp, "logprobs.json")
+            request, reply, log = Path(tmp, "ids.json"), Path(tmp, "logprobs.json"), Path(tmp, "vllm.log")
             memory = float(os.environ.get("HF_POSENC_VLLM_MEMORY", "0.25"))
             request.write_text(json.dumps({"model": str(out_dir), "ids": ids, "memory_fraction": memory}))
-            run = subprocess.run([python, str(probe), str(request), str(reply)], capture_output=True, text=True)
-            if run.returncode != 0:
-                raise RuntimeError(f"vLLM failed on the export ({python}):\n{run.stderr[-3000:]}")
+            with log.open("w") as output:  # a file, not a pipe: vLLM's engine processes may outlive the probe
+                probe_run = subprocess.Popen(
+                    [python, str(probe), str(request), str(reply)],
+                    stdout=output,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+                try:
+                    code = probe_run.wait()
+                finally:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(probe_run.pid, signal.SIGKILL)  # the engine core and workers it started
+            if code != 0 or not reply.exists():
+                raise RuntimeError(f"vLLM failed on the export ({python}):\n{log.read_text()[-3000:]}")
             return np.asarray(json.loads(reply.read_text())["logprobs"], dtype=np.float64)
 
     def version(self) -> str | None:

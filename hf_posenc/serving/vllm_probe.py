@@ -5,6 +5,7 @@ Usage: python vllm_probe.py REQUEST.json REPLY.json, REQUEST = {"model": folder,
 """
 
 import json
+import os
 import sys
 
 
@@ -29,6 +30,11 @@ def main() -> None:
     logprobs = [entry[token].logprob for entry, token in zip(out.prompt_logprobs[1:], ids[1:], strict=True)]
     with open(sys.argv[2], "w") as handle:
         json.dump({"logprobs": logprobs}, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    # vLLM's engine teardown can abort the process ("terminate called without an active exception") after
+    # the work is done: leave without it
+    os._exit(0)
 
 
 if __name__ == "__main__":  # vLLM starts a spawned engine process
