@@ -135,7 +135,7 @@ def test_f16_export_within_its_tolerance(tmp_path, bpe):
     model = sharp_model("llama", bpe, ("yarn", {"factor": 4.0}))
     result = export(model, tmp_path, "llama.cpp", tokenizer=bpe, dtype="f16", verify=True, verify_tokens=200)
     assert result.written["dtype"] == "f16" and (tmp_path / "model-f16.gguf").is_file()
-    assert 1e-4 < result.verify["max_abs_diff"] <= result.verify["tolerance"] == 5e-2  # f16 weights do move it
+    assert 1e-4 < result.verify["max_abs_diff"] <= result.verify["tolerance"] == 1e-1  # f16 weights do move it
 
 
 @needs_llama_cpp

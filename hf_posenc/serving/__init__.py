@@ -19,8 +19,10 @@ from ..errors import InvalidParameterError, PosencError, did_you_mean
 from .engines import ACCEPTABLE, ENGINES, EngineMissingError, get_engine, hf_model_logprobs
 from .native import ExportRefusedError, NativeForm, native_form
 
-#: max |Δ log-prob| allowed by ``verify`` per written dtype (fp32 model vs engine; measured figures in docs/export.md)
-TOLERANCE = {"f32": 2e-3, "f16": 5e-2, "bf16": 1e-1}
+#: max |Δ log-prob| allowed by ``verify`` per written dtype, fp32 model vs engine: 2.5x what llama.cpp gave
+#: for SmolLM2 at 8,192 tokens (f32 1.97e-3, f16 3.9e-2; docs/export.md); a wrong rope setting moves it by
+#: 0.1-10 (the converter's YaRN attention factor: 1.79)
+TOLERANCE = {"f32": 5e-3, "f16": 1e-1, "bf16": 2e-1}
 EXPORT_RECORD = "hf_posenc_export.json"
 
 __all__ = [
