@@ -73,10 +73,12 @@ def available(engine: str) -> bool:
         return False
 
 
-def matrix(tokens: int = 200, engines: tuple[str, ...] = ENGINES) -> list[dict]:
+def matrix(tokens: int = 200, engines: tuple[str, ...] = ENGINES, schemes: tuple[str, ...] = ()) -> list[dict]:
     tok = byte_bpe_tokenizer()
     rows = []
     for label, spec in MATRIX:
+        if schemes and not label.startswith(schemes):
+            continue
         for engine in engines:
             row = {"scheme": label, "engine": engine}
             with tempfile.TemporaryDirectory() as tmp:
@@ -276,6 +278,7 @@ def main() -> None:
     parser.add_argument("--parts", default="matrix,mistakes,real")
     parser.add_argument("--real-tokens", type=int, default=8192)
     parser.add_argument("--engines", default=",".join(ENGINES), help="matrix: rerun these engines' cells only")
+    parser.add_argument("--schemes", default="", help="matrix: rerun the rows whose label starts so only")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / "results.json"
@@ -283,8 +286,10 @@ def main() -> None:
     engines = tuple(args.engines.split(","))
 
     def rerun_matrix() -> list[dict]:
-        fresh = matrix(engines=engines)
-        kept = [r for r in results.get("matrix", []) if r["engine"] not in engines]
+        schemes = tuple(filter(None, args.schemes.split(",")))
+        fresh = matrix(engines=engines, schemes=schemes)
+        redone = {(r["scheme"], r["engine"]) for r in fresh}
+        kept = [r for r in results.get("matrix", []) if (r["scheme"], r["engine"]) not in redone]
         return sorted(
             kept + fresh, key=lambda r: ([m[0] for m in MATRIX].index(r["scheme"]), ENGINES.index(r["engine"]))
         )

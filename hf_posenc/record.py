@@ -61,6 +61,12 @@ class PatchRecord:
         }
         defaults = _defaults(self.scheme_name)
         params = {k: v for k, v in params.items() if defaults.get(k, object()) != v}
+        for key, value in list(params.items()):  # a nested scheme (Self-Extend's rope=...) by its name
+            if isinstance(value, Mapping) and "scheme" in value:
+                if value["scheme"] == "rope":
+                    del params[key]  # plain RoPE underneath: the default
+                else:
+                    params[key] = str(value["scheme"])
         return format_scheme_spec((self.scheme_name, params))
 
     def to_dict(self) -> dict[str, Any]:
