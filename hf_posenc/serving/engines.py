@@ -121,13 +121,17 @@ def write_hf_folder(model: nn.Module, tokenizer: Any, out_dir: Path, dtype: str)
     return {"folder": str(out_dir), "dtype": dtype}
 
 
+def next_token_logprobs(logits: torch.Tensor, ids: list[int]) -> np.ndarray:
+    """log p(ids[t+1]) from the logits at positions 0..len(ids)-2, in float64."""
+    logp = torch.log_softmax(logits.double(), -1)
+    return logp.gather(-1, torch.tensor(ids[1:], device=logits.device)[:, None])[:, 0].cpu().numpy()
+
+
 def hf_model_logprobs(model: nn.Module, ids: list[int]) -> np.ndarray:
     """log p(next token) from a transformers model, in float64."""
     device = next(model.parameters()).device
     with torch.inference_mode():
-        logits = model(torch.tensor([ids], device=device)).logits[0, :-1].double()
-    logp = torch.log_softmax(logits, -1)
-    return logp.gather(-1, torch.tensor(ids[1:], device=device)[:, None])[:, 0].cpu().numpy()
+        return next_token_logprobs(model(torch.tensor([ids], device=device)).logits[0, :-1], ids)
 
 
 @register_engine
@@ -339,8 +343,7 @@ class LlamaCppEngine(Engine):
             logits = torch.from_numpy(np.array(llm.scores[: len(ids) - 1], dtype=np.float64))
         finally:
             llm.close()
-        logp = torch.log_softmax(logits, -1)
-        return logp.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].numpy()
+        return next_token_logprobs(logits, ids)
 
     def tokenizes_alike(self, out_dir: Path, written: dict, tokenizer: Any, text: str) -> bool | None:
         from .gguf_llama import llama_cpp_tokenize
