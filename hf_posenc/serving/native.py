@@ -51,7 +51,12 @@ class NativeForm:
     @property
     def per_layer_type(self) -> bool:
         """Per-layer-type rope (Gemma-3, ...): ``{layer_type: {...}}`` instead of one dict."""
-        return bool(self.rope_parameters) and all(isinstance(v, dict) for v in self.rope_parameters.values())
+        return per_layer_type(self.rope_parameters)
+
+
+def per_layer_type(rope: dict[str, Any] | None) -> bool:
+    """``{layer_type: {...}}`` rope parameters (Gemma-3, ...) instead of one dict."""
+    return bool(rope) and all(isinstance(v, dict) for v in rope.values())
 
 
 def native_form(model: nn.Module, engine: str) -> NativeForm:
@@ -67,7 +72,7 @@ def native_form(model: nn.Module, engine: str) -> NativeForm:
         kind = handle.scheme.kind
         if not handle.adapter.loads_natively(target, handle.scheme):
             rope = getattr(config, "rope_parameters", None)  # a non-native patch leaves the config as it was
-            flat = isinstance(rope, dict) and not all(isinstance(v, dict) for v in rope.values())
+            flat = isinstance(rope, dict) and bool(rope) and not per_layer_type(rope)
             own = f"its own {rope.get('rope_type', 'default')} rope" if flat else "the family's own"
             hint = _NOT_SERVABLE_HINT.get(kind)
             raise ExportRefusedError(
