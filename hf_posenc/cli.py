@@ -301,6 +301,14 @@ def _csv(kind):
     return parse
 
 
+def _tasks_help() -> str:
+    """``--tasks`` help, from the task registry."""
+    from .eval.tasks import list_groups, list_tasks
+
+    groups = ", ".join(f"{group} ({len(members)} tasks)" for group, members in list_groups().items())
+    return f"comma-separated tasks: {', '.join(list_tasks())}; or groups: {groups} (see docs/eval_tasks.md)"
+
+
 def _eval(args: argparse.Namespace) -> int:
     from .eval import EvalSpec
 
@@ -317,6 +325,8 @@ def _eval(args: argparse.Namespace) -> int:
         max_windows=args.max_windows,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
+        gen_batch_size=args.gen_batch_size,
+        qa_data=args.qa_data,
         attn_implementation=args.attn,
     )
     return _run(args.model, spec, args.out, args.threads, not args.no_plots, args.device, args.dtype, args.resume)
@@ -371,7 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     x.set_defaults(func=_export)
 
-    e = sub.add_parser("eval", parents=[common], help="perplexity vs length, passkey, needle: schemes side by side")
+    e = sub.add_parser(
+        "eval", parents=[common], help="perplexity vs length, passkey, needle, RULER: schemes side by side"
+    )
     e.add_argument(
         "model",
         help="HF folder or hub id (a checkpoint saved patched runs with its saved scheme: evaluate it with "
@@ -383,17 +395,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=["none"],
         help="comma-separated scheme specs, e.g. none,linear:factor=2,yarn:factor=2",
     )
-    e.add_argument("--tasks", type=lambda t: t.split(","), default=["ppl"], help="ppl,passkey,needle,multikey")
+    e.add_argument("--tasks", type=lambda t: t.split(","), default=["ppl"], help=_tasks_help())
     e.add_argument("--lengths", type=_csv(int), default=[2048], help="window lengths in tokens")
-    e.add_argument("--retrieval-lengths", type=_csv(int), default=None, help="lengths for passkey/needle")
-    e.add_argument("--depths", type=_csv(float), default=[0.1, 0.5, 0.9], help="needle depths in [0, 1]")
+    e.add_argument("--retrieval-lengths", type=_csv(int), default=None, help="lengths for the retrieval tasks")
+    e.add_argument(
+        "--depths", type=_csv(float), default=[0.1, 0.5, 0.9], help="needle depths in [0, 1] (tasks that have one)"
+    )
     e.add_argument("--trials", type=int, default=1, help="seeded probes per (length, depth) cell")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--data", default="kjv", help="kjv (embedded), a .txt file or folder, or hf:NAME[:CFG]:SPLIT:COL")
     e.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: non-overlapping)")
     e.add_argument("--max-windows", type=int, default=1, help="windows per length")
     e.add_argument("--batch-size", type=int, default=1, help="windows per forward")
-    e.add_argument("--max-new-tokens", type=int, default=12, help="greedy tokens generated per retrieval probe")
+    e.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="greedy tokens generated per retrieval probe (default: the task's own: 12 for passkey/needle/multikey, "
+        "RULER's budget for RULER's tasks)",
+    )
+    e.add_argument(
+        "--gen-batch-size", type=int, default=1, help="retrieval probes generated per forward (left-padded batch)"
+    )
+    e.add_argument(
+        "--qa-data",
+        default=None,
+        help="qa_1/qa_2 only: a folder holding qa_1.jsonl / qa_2.jsonl (or .json), or one such file, of "
+        'records {"context" or "contexts", "question", "answers"}',
+    )
     e.add_argument("--out", default="out/eval", help="folder for results.json, report.md and plots")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     e.add_argument("--no-plots", action="store_true")

@@ -1,56 +1,46 @@
-"""Synthetic long-context retrieval: passkey (landmark-attention format), needle in a real-text
-haystack, and RULER's multi-key needle. Prompts are built to a token budget, seeded, and scored by
-exact / substring match of greedy continuations (no model judge)."""
+"""Synthetic long-context retrieval: the retrieval tasks of the registry (:mod:`hf_posenc.eval.tasks`:
+passkey, needle, multikey and RULER's synthetic tasks) run over lengths x depths with seeded probes,
+answered by greedy generation (one prompt at a time, or a left-padded batch) and scored by string
+match (no model judge)."""
 
 from __future__ import annotations
 
-import random
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 
 import torch
 from torch import nn
 
 from ..errors import InvalidParameterError
+from .prompts import Probe, build_prompt, sentences
+from .tasks import ProbeTask, TaskInputs, get_task, list_tasks
 
-PASSKEY_INTRO = (
-    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-    "I will quiz you about the important information there."
-)
-PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-PASSKEY_NEEDLE = "The pass key is {value}. Remember it. {value} is the pass key."
-PASSKEY_QUESTION = "What is the pass key? The pass key is"
-
-NEEDLE_INTRO = "A special magic number is hidden within the following text. Make sure to memorize it."
-NEEDLE = "One of the special magic numbers for {key} is: {value}."
-NEEDLE_QUESTION = "What is the special magic number for {key} mentioned in the provided text? The special magic number for {key} mentioned in the provided text is"  # noqa: E501
-KEYS = (
-    "Lisbon", "Nairobi", "Osaka", "Quito", "Tallinn", "Hobart", "Dakar", "Bergen", "Cusco", "Tromso",
-    "Accra", "Lhasa", "Perth", "Zagreb", "Kyoto", "Leon", "Malmo", "Porto", "Sapporo", "Tunis",
-)  # fmt: skip
-TASKS = ("passkey", "needle", "multikey")
-
-
-@dataclass
-class Probe:
-    """One prompt: its answer, target length (tokens), needle depth (0 = start, 1 = end)."""
-
-    task: str
-    prompt: str
-    answer: str
-    length: int
-    depth: float
-    n_tokens: int
+__all__ = [
+    "Probe",
+    "RetrievalResult",
+    "build_prompt",
+    "greedy_continuation",
+    "greedy_continuations",
+    "is_correct",
+    "make_probe",
+    "probe_task",
+    "run_retrieval",
+    "sentences",
+]
 
 
 @dataclass
 class RetrievalResult:
+    """Accuracy per length and depth: ``accuracy[length][depth]`` is the mean score of ``trials`` probes
+    (``depths == [None]`` for a task without depth)."""
+
     task: str
     lengths: list[int]
-    depths: list[float]
+    depths: list[float | None]
     accuracy: list[list[float]]  # [length][depth]
     samples: list[dict] = field(default_factory=list)
+    trials: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,116 +51,35 @@ class RetrievalResult:
         return sum(cells) / len(cells)
 
 
-def _sentences(text: str) -> list[str]:
-    return [s.strip() + "." for s in re.split(r"(?<=[.!?])\s+", text) if len(s.strip()) > 1]
+def probe_task(name: str) -> ProbeTask:
+    """The registered retrieval task ``name`` (did-you-mean error for an unknown name or ``ppl``)."""
+    task = get_task(name)
+    if not isinstance(task, ProbeTask):
+        retrieval = [n for n in list_tasks() if isinstance(get_task(n), ProbeTask)]
+        raise InvalidParameterError(f"{name!r} is not a retrieval task; choose from {', '.join(retrieval)}.")
+    return task
 
 
-def build_prompt(
+def make_probe(
+    task: str,
     tokenizer,
-    target_tokens: int,
-    depth: float,
-    haystack: Sequence[str],
-    needles: Sequence[tuple[float, str]],
-    intro: str,
-    question: str,
+    length: int,
+    depth: float | None,
+    seed: int,
+    haystack_text: str = "",
     *,
-    task: str = "retrieval",
-) -> tuple[str, int]:
-    """Fill ``intro + haystack sentences + question`` up to ``target_tokens`` and insert each
-    ``(depth, sentence)`` needle at that fraction of the haystack. Returns (prompt, token count).
-
-    The prompt holds as many haystack sentences (cycled, in order, then topped up with later ones that
-    still fit) as its real token count allows: at most ``target_tokens``, short of it by less than the
-    shortest sentence skipped.
-
-    Raises :class:`InvalidParameterError` when ``target_tokens`` cannot hold the intro, the question
-    and the needles themselves."""
-
-    def count(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def assemble(sentences: list[str]) -> tuple[str, int]:
-        chosen = list(sentences)
-        for d, needle in sorted(needles, key=lambda n: n[0], reverse=True):
-            chosen.insert(round(d * len(chosen)), needle)
-        prompt = " ".join([intro, *chosen, question])
-        return prompt, count(prompt)
-
-    def first(k: int) -> list[str]:
-        return [haystack[i % len(haystack)] for i in range(k)]
-
-    fixed = assemble([])[1]
-    if fixed > target_tokens:
-        raise InvalidParameterError(
-            f"A {task} prompt of {target_tokens} tokens is too short: its instructions, question and "
-            f"needle(s) alone take {fixed} tokens with this tokenizer. Use retrieval lengths of at least "
-            f"{fixed} tokens (--retrieval-lengths), better several times that."
-        )
-    if not haystack:
-        return assemble([])
-
-    # The prompt grows with the number k of haystack sentences: find the largest k whose joined prompt fits
-    # (counting sentences one by one would overestimate: a space joins into the next token), then top it
-    # up with later sentences short enough for what is left.
-    low, high = 0, 1
-    while assemble(first(high))[1] <= target_tokens:
-        low, high = high, high * 2
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (mid, high) if assemble(first(mid))[1] <= target_tokens else (low, mid)
-    chosen, misses = first(low), 0
-    for i in range(low, low + len(haystack)):
-        if misses == 20:
-            break
-        candidate = [*chosen, haystack[i % len(haystack)]]
-        if assemble(candidate)[1] <= target_tokens:
-            chosen = candidate
-        else:
-            misses += 1
-    return assemble(chosen)
+    qa_data: str | None = None,
+) -> Probe:
+    """A deterministic probe for (task, length, depth, seed). ``haystack_text``: real text for the tasks
+    that hide needles in it; ``qa_data``: the QA records of qa_1/qa_2."""
+    return probe_task(task).make_probe(tokenizer, length, depth, seed, TaskInputs(haystack_text, qa_data))
 
 
-def make_probe(task: str, tokenizer, length: int, depth: float, seed: int, haystack_text: str = "") -> Probe:
-    """A deterministic probe for (task, length, depth, seed); its needle(s) and values depend on (task,
-    depth, seed) only, so a length sweep asks the same question over more haystack."""
-    rng = random.Random(f"{task}-{seed}-{depth}")  # the same needles at every length
-    if task == "passkey":
-        value = str(rng.randint(10000, 99999))
-        prompt, n = build_prompt(
-            tokenizer,
-            length,
-            depth,
-            _sentences(PASSKEY_FILLER),
-            [(depth, PASSKEY_NEEDLE.format(value=value))],
-            PASSKEY_INTRO,
-            PASSKEY_QUESTION,
-            task=task,
-        )
-        return Probe(task, prompt, value, length, depth, n)
-    if task not in ("needle", "multikey"):
-        raise InvalidParameterError(f"Unknown retrieval task {task!r}; choose from {', '.join(TASKS)}.")
-    if not haystack_text.strip():
-        raise InvalidParameterError(f"{task} needs a real-text haystack (haystack_text), got none.")
-    sentences = _sentences(haystack_text)
-    start = rng.randrange(max(1, len(sentences) // 2))
-    sentences = sentences[start:] + sentences[:start]
-    keys = rng.sample(KEYS, 4 if task == "multikey" else 1)
-    values = [str(rng.randint(1_000_000, 9_999_999)) for _ in keys]
-    needles = [(depth, NEEDLE.format(key=keys[0], value=values[0]))]
-    for key, value in zip(keys[1:], values[1:], strict=True):  # distractors at random depths
-        needles.append((rng.random(), NEEDLE.format(key=key, value=value)))
-    prompt, n = build_prompt(
-        tokenizer, length, depth, sentences, needles, NEEDLE_INTRO, NEEDLE_QUESTION.format(key=keys[0]), task=task
-    )
-    return Probe(task, prompt, values[0], length, depth, n)
-
-
-def is_correct(task: str, generated: str, answer: str) -> bool:
-    """Passkey: the first number generated equals the key. Needles: the value appears in the output."""
-    if task == "passkey":
-        match = re.search(r"\d+", generated)
-        return match is not None and match.group() == answer
-    return answer in generated
+def is_correct(task: str, generated: str, answer: str | Sequence[str]) -> bool:
+    """Whether ``generated`` earns the full score (passkey: the first number generated is the key;
+    needles: the value appears in the output; RULER: every reference appears)."""
+    references = (answer,) if isinstance(answer, str) else tuple(answer)
+    return probe_task(task).score(generated, references) == 1.0
 
 
 @torch.inference_mode()
@@ -182,9 +91,38 @@ def greedy_continuation(model: nn.Module, tokenizer, prompt: str, max_new_tokens
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
+@torch.inference_mode()
+def greedy_continuations(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = 12) -> list[str]:
+    """:func:`greedy_continuation` of several prompts in one ``generate`` call: left-padded, with an
+    attention mask (the model's generate derives each row's positions from it)."""
+    device = next(model.parameters()).device
+    rows = [tokenizer(p)["input_ids"] for p in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    out = model.generate(
+        ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad,
+    )
+    return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    it = iter(items)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
 def run_retrieval(
     task: str,
-    model: nn.Module,
+    model: nn.Module | None,
     tokenizer,
     lengths: Sequence[int],
     depths: Sequence[float],
@@ -192,47 +130,74 @@ def run_retrieval(
     trials: int = 1,
     seed: int = 0,
     haystack_text: str = "",
-    max_new_tokens: int = 12,
+    qa_data: str | None = None,
+    max_new_tokens: int | None = None,
     progress: bool = False,
     answer_fn: Callable[[str], str] | None = None,
+    answer_batch: Callable[[list[str]], list[str]] | None = None,
+    gen_batch_size: int = 1,
+    probe_cache: dict | None = None,
 ) -> RetrievalResult:
-    """Accuracy over ``lengths x depths`` (``trials`` seeded probes per cell)."""
+    """Accuracy over ``lengths x depths`` (``trials`` seeded probes per cell; lengths only for a task
+    without depth). Answers come from ``answer_batch`` (a list of prompts at a time) or ``answer_fn``
+    (one prompt) if given, else from greedy generation of ``max_new_tokens`` (default: the task's own),
+    ``gen_batch_size`` probes per ``generate`` call. ``probe_cache`` keeps the probes built, by (length,
+    depth, seed), for another call with the same tokenizer and inputs (the next scheme)."""
     from tqdm.auto import tqdm
 
-    if task not in TASKS:
-        raise InvalidParameterError(f"Unknown retrieval task {task!r}; choose from {', '.join(TASKS)}.")
+    spec = probe_task(task)
     if trials < 1:
         raise InvalidParameterError(f"trials must be >= 1 (probes per length and depth), got {trials}.")
-    if not lengths or not depths:
+    if not lengths or (spec.has_depth and not depths):
         raise InvalidParameterError(f"{task} needs at least one length and one depth, got {lengths} and {depths}.")
+    max_new_tokens = max_new_tokens if max_new_tokens is not None else spec.new_tokens
     if max_new_tokens < 1:
         raise InvalidParameterError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    if not isinstance(gen_batch_size, int) or gen_batch_size < 1:
+        raise InvalidParameterError(f"gen_batch_size must be an integer >= 1, got {gen_batch_size!r}.")
 
-    answer_fn = answer_fn or (lambda prompt: greedy_continuation(model, tokenizer, prompt, max_new_tokens))
-    grid, samples = [], []
-    cells = [(length, depth) for length in lengths for depth in depths]
-    bar = tqdm(total=len(cells) * trials, desc=task, disable=not progress, leave=False)
-    for length in lengths:
-        row = []
-        for depth in depths:
-            hits = 0
-            for trial in range(trials):
-                probe = make_probe(task, tokenizer, length, depth, seed + trial, haystack_text)
-                generated = answer_fn(probe.prompt)
-                ok = is_correct(task, generated, probe.answer)
-                hits += ok
-                samples.append(
-                    {
-                        "length": length,
-                        "depth": depth,
-                        "answer": probe.answer,
-                        "generated": generated,
-                        "correct": ok,
-                        "n_tokens": probe.n_tokens,
-                    }
-                )
-                bar.update()
-            row.append(hits / trials)
-        grid.append(row)
+    if answer_batch is None and answer_fn is not None:
+        answer_batch = lambda prompts: [answer_fn(p) for p in prompts]  # noqa: E731
+    if answer_batch is None:
+        answer_batch = lambda prompts: (  # noqa: E731
+            greedy_continuations(model, tokenizer, prompts, max_new_tokens)
+            if len(prompts) > 1
+            else [greedy_continuation(model, tokenizer, prompts[0], max_new_tokens)]
+        )
+    inputs = TaskInputs(haystack_text, qa_data)
+    cache = probe_cache if probe_cache is not None else {}
+
+    def probe(length: int, depth: float | None, seed: int) -> Probe:
+        if (length, depth, seed) not in cache:
+            cache[length, depth, seed] = spec.make_probe(tokenizer, length, depth, seed, inputs)
+        return cache[length, depth, seed]
+
+    cell_depths = spec.probe_depths(depths)
+    totals = [[0.0] * len(cell_depths) for _ in lengths]
+    samples: list[dict] = []
+    jobs = [
+        (i, j, trial) for i in range(len(lengths)) for j in range(len(cell_depths)) for trial in range(trials)
+    ]  # fmt: skip
+    bar = tqdm(total=len(jobs), desc=task, disable=not progress, leave=False)
+    for chunk in _chunks(jobs, gen_batch_size):
+        probes = [probe(lengths[i], cell_depths[j], seed + t) for i, j, t in chunk]
+        answers = answer_batch([p.prompt for p in probes])
+        for (i, j, _), asked, generated in zip(chunk, probes, answers, strict=True):
+            score = spec.score(generated, asked.references)
+            totals[i][j] += score
+            samples.append(
+                {
+                    "length": asked.length,
+                    "depth": asked.depth,
+                    "answer": asked.answer,
+                    "generated": generated,
+                    "correct": score == 1.0,
+                    "n_tokens": asked.n_tokens,
+                    "score": score,
+                    "references": list(asked.references),
+                }
+            )
+        bar.update(len(chunk))
     bar.close()
-    return RetrievalResult(task, list(lengths), list(depths), grid, samples)
+    accuracy = [[total / trials for total in row] for row in totals]
+    return RetrievalResult(spec.name, list(lengths), cell_depths, accuracy, samples, trials)

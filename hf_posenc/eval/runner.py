@@ -13,18 +13,21 @@ from ..api import get_handle, make_scheme, patched
 from ..errors import InvalidParameterError
 from ..record import read_record
 from ..specs import format_scheme_spec, parse_scheme_spec
-from .data import load_texts, token_stream
+from .data import load_texts
 from .journal import Journal, entry_key, model_key
-from .perplexity import evaluate_perplexity
-from .retrieval import TASKS as RETRIEVAL_TASKS
-from .retrieval import greedy_continuation, make_probe, run_retrieval
+from .retrieval import greedy_continuation, greedy_continuations
+from .tasks import EvalContext, ProbeTask, TaskInputs, expand_tasks, get_task, list_tasks
 
-ALL_TASKS = ("ppl", *RETRIEVAL_TASKS)
+#: the tasks registered when hf_posenc.eval was imported (list_tasks() also sees later registrations)
+ALL_TASKS = tuple(list_tasks())
 
 
 @dataclass
 class EvalSpec:
-    """What to evaluate. ``retrieval_lengths`` defaults to ``lengths``."""
+    """What to evaluate. ``tasks`` takes task names, aliases and groups (``ruler``), stored expanded to
+    task names. ``retrieval_lengths`` defaults to ``lengths``; ``max_new_tokens`` to each task's own
+    (12 for passkey/needle/multikey, RULER's budget for RULER's tasks). ``gen_batch_size`` retrieval
+    probes are generated per ``generate`` call (left-padded); ``qa_data`` holds qa_1/qa_2's records."""
 
     schemes: list[str] = field(default_factory=lambda: ["none"])
     tasks: list[str] = field(default_factory=lambda: ["ppl"])
@@ -37,17 +40,19 @@ class EvalSpec:
     stride: int | None = None
     max_windows: int = 1
     batch_size: int = 1
-    max_new_tokens: int = 12
+    max_new_tokens: int | None = None
+    gen_batch_size: int = 1
+    qa_data: str | None = None
     #: backend for the patched schemes (eager, sdpa, flex_attention, flash_attention_2); None keeps the model's
     attn_implementation: str | None = None
 
     def __post_init__(self) -> None:
         """Every value a user can get wrong fails here, before any model work."""
+        self.tasks = expand_tasks(self.tasks)  # unknown names fail here, with a did-you-mean
         if not self.tasks:
-            raise InvalidParameterError(f"No task given; choose from {', '.join(ALL_TASKS)}.")
-        unknown = [t for t in self.tasks if t not in ALL_TASKS]
-        if unknown:
-            raise InvalidParameterError(f"Unknown task(s) {unknown}; choose from {', '.join(ALL_TASKS)}.")
+            raise InvalidParameterError(f"No task given; choose from {', '.join(list_tasks())}.")
+        for task in self.tasks:
+            get_task(task).validate(self)
         if not self.schemes:
             raise InvalidParameterError("No scheme given; use 'none' for the model as loaded.")
         parsed = [parse_scheme_spec(spec) for spec in self.schemes]
@@ -64,9 +69,9 @@ class EvalSpec:
             raise InvalidParameterError("depths is empty; give at least one needle depth in [0, 1], e.g. 0.5.")
         if any(not 0 <= d <= 1 for d in self.depths):
             raise InvalidParameterError(f"depths must lie in [0, 1] (0 = start, 1 = end), got {self.depths}.")
-        for name in ("trials", "max_windows", "batch_size", "max_new_tokens"):
+        for name in ("trials", "max_windows", "batch_size", "gen_batch_size", "max_new_tokens"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
+            if (value is not None or name != "max_new_tokens") and (not _is_int(value) or value < 1):
                 raise InvalidParameterError(f"{name} must be an integer >= 1, got {value!r}.")
         if self.stride is not None and (not _is_int(self.stride) or not 1 <= self.stride <= min(self.lengths)):
             raise InvalidParameterError(
@@ -117,22 +122,14 @@ def run_eval(
         label_of_model = f"{label} (saved)"
         saved = {"label": label, "spec": dict(record.spec) if record is not None else handle.scheme.to_dict()}
     texts = load_texts(spec.data)
-    retrieval_tasks = [t for t in spec.tasks if t in RETRIEVAL_TASKS]
     retrieval_lengths = spec.retrieval_lengths or spec.lengths
     haystack = " ".join(texts)[: max(retrieval_lengths) * 8]
-    for task in retrieval_tasks:  # a length too short for the prompt fails now, not after the first scheme ran
-        for depth in spec.depths:
-            make_probe(task, tokenizer, min(retrieval_lengths), depth, spec.seed, haystack)
+    tasks = [get_task(name) for name in spec.tasks]
+    ctx = EvalContext(model, tokenizer, spec, texts, TaskInputs(haystack, spec.qa_data), journal, progress=progress)
+    for task in tasks:  # a length too short for a prompt, a text too short for a window: fail before any scheme
+        task.check(ctx)
+    weights = ctx.weights = model_key(model) if journal is not None else None
     results: dict[str, dict] = {}
-    needed = max(spec.lengths) * spec.max_windows + 1
-    tokens = token_stream(tokenizer, texts, needed) if "ppl" in spec.tasks else []
-    if "ppl" in spec.tasks and len(tokens) < max(spec.lengths):
-        raise InvalidParameterError(
-            f"The text {spec.data!r} has {len(tokens)} tokens: too few for one window of {max(spec.lengths)}. "
-            "Use a longer text (--data) or shorter lengths."
-        )
-    weights = model_key(model) if journal is not None else None
-    tokens_hash = entry_key({"tokens": list(tokens)}) if journal is not None and tokens else None
     for scheme_spec in spec.schemes:
         parsed = parse_scheme_spec(scheme_spec)
         label = format_scheme_spec(parsed) if parsed is not None else label_of_model
@@ -146,62 +143,45 @@ def run_eval(
         with scope:
             entry["attn_implementation"] = model.config._attn_implementation
             backend = model.config._attn_implementation
-            if "ppl" in spec.tasks:
-                entry["ppl"] = []
-                for length in spec.lengths:
-                    fields = {
-                        "kind": "ppl", "model": weights, "scheme": label, "attn": backend, "tokens": tokens_hash,
-                        "length": length, "stride": spec.stride, "max_windows": spec.max_windows,
-                        "batch_size": spec.batch_size,
-                    }  # fmt: skip
-                    done = journal.get(fields) if journal is not None else None
-                    if done is None:
-                        done = evaluate_perplexity(
-                            model,
-                            tokens,
-                            length,
-                            stride=spec.stride,
-                            max_windows=spec.max_windows,
-                            batch_size=spec.batch_size,
-                            progress=progress,
-                        ).to_dict()
-                        if journal is not None:
-                            journal.put(fields, done)
-                    entry["ppl"].append(done)
-            answer_fn = None
-            if journal is not None:
-                answer_fn = _journaled_answers(
-                    journal, model, tokenizer, spec.max_new_tokens, weights=weights, scheme=label, attn=backend
-                )
-            for task in retrieval_tasks:
-                entry[task] = run_retrieval(
-                    task,
-                    model,
-                    tokenizer,
-                    retrieval_lengths,
-                    spec.depths,
-                    trials=spec.trials,
-                    seed=spec.seed,
-                    haystack_text=haystack,
-                    max_new_tokens=spec.max_new_tokens,
-                    progress=progress,
-                    answer_fn=answer_fn,
-                ).to_dict()
+            answers = None
+            if journal is not None and any(isinstance(task, ProbeTask) for task in tasks):
+
+                def answers(max_new_tokens: int, label=label, backend=backend):
+                    return _journaled_answers(
+                        journal, model, tokenizer, max_new_tokens, batch_size=spec.gen_batch_size,
+                        weights=weights, scheme=label, attn=backend,
+                    )  # fmt: skip
+
+            scheme_ctx = ctx.for_scheme(label, backend, answers)
+            for task in tasks:
+                entry[task.name] = task.run(scheme_ctx)
         entry["seconds"] = time.perf_counter() - start
         results[label] = entry
         log(f"  {label}: done in {entry['seconds']:.0f} s")
     return {"spec": asdict(spec), "saved_scheme": saved, "results": results}
 
 
-def _journaled_answers(journal: Journal, model: nn.Module, tokenizer, max_new_tokens: int, **context):
-    """Greedy answers taken from the journal when recorded for the same context and prompt."""
+def _journaled_answers(
+    journal: Journal, model: nn.Module, tokenizer, max_new_tokens: int, *, batch_size: int = 1, **context
+):
+    """Greedy answers to a list of prompts, taken from the journal when recorded for the same context and
+    prompt; the others are generated (``batch_size`` per ``generate`` call) and recorded as they finish."""
 
-    def answer(prompt: str) -> str:
-        fields = {"kind": "answer", **context, "max_new_tokens": max_new_tokens, "prompt": entry_key({"p": prompt})}
-        done = journal.get(fields)
-        if done is None:
-            done = greedy_continuation(model, tokenizer, prompt, max_new_tokens)
-            journal.put(fields, done)
+    def fields(prompt: str) -> dict:
+        return {"kind": "answer", **context, "max_new_tokens": max_new_tokens, "prompt": entry_key({"p": prompt})}
+
+    def answer(prompts: list[str]) -> list[str]:
+        done = [journal.get(fields(p)) for p in prompts]
+        missing = [i for i, d in enumerate(done) if d is None]
+        for start in range(0, len(missing), batch_size):
+            todo = missing[start : start + batch_size]
+            if len(todo) == 1:
+                new = [greedy_continuation(model, tokenizer, prompts[todo[0]], max_new_tokens)]
+            else:
+                new = greedy_continuations(model, tokenizer, [prompts[i] for i in todo], max_new_tokens)
+            for i, text in zip(todo, new, strict=True):
+                done[i] = text
+                journal.put(fields(prompts[i]), text)
         return done
 
     return answer
