@@ -349,6 +349,29 @@ def _finetune(args: argparse.Namespace) -> int:
     return train_main([args.config, *args.overrides])
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from .plan import GIB, PlanOptions, estimate, fitting_options, load_shape, plan_markdown
+
+    precision = {"bf16": 2, "fp16": 2, "fp32": 4}[args.dtype]
+    options = PlanOptions(
+        seq_len=args.seq_len, batch_size=args.batch_size, lora=args.lora, lora_r=args.lora_r,
+        trainable_embeddings=args.trainable_embeddings, trainable_norms=args.trainable_norms,
+        checkpointing=not args.no_checkpointing, offload=args.offload, loss=args.loss,
+        loss_chunk_size=args.loss_chunk_size, gpus=args.gpus, parallel=args.parallel, shard=not args.no_shard,
+        weight_bytes=precision, activation_bytes=precision, attention=args.attention,
+    )  # fmt: skip
+    shape = load_shape(args.model)
+    plan = estimate(shape, options)
+    fits = fitting_options(shape, options, int(args.memory * GIB))
+    if args.json:
+        print(json.dumps({**plan.to_dict(), "fits": [p.options.label for p in fits]}, indent=2))
+    else:
+        print(plan_markdown(args.model, shape, plan, args.memory, fits), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-posenc", description=__doc__, epilog=DEBUG_HELP)
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
@@ -447,6 +470,29 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("config", help="recipe YAML, e.g. recipes/configs/llama/tiny_yarn4_lora.yaml")
     f.add_argument("overrides", nargs="*", help="key=value overrides of recipe keys")
     f.set_defaults(func=_finetune)
+
+    m = sub.add_parser(
+        "plan", parents=[common], help="peak memory per device of a fine-tuning recipe, and which options make it fit"
+    )
+    m.add_argument("model", help="local folder, hub id, 'smollm2', or a preset: llama3-1b, llama3-8b")
+    m.add_argument("--seq-len", type=int, required=True, help="tokens per sequence")
+    m.add_argument("--batch-size", type=int, default=1)
+    m.add_argument("--lora", action="store_true", help="LoRA on every linear layer (default: full fine-tuning)")
+    m.add_argument("--lora-r", type=int, default=16)
+    m.add_argument("--trainable-embeddings", action="store_true")
+    m.add_argument("--trainable-norms", action="store_true")
+    m.add_argument("--loss", default="plain", help="plain, chunked or fused (liger/cce)")
+    m.add_argument("--loss-chunk-size", type=int, default=1024)
+    m.add_argument("--no-checkpointing", action="store_true", help="keep every activation (default: checkpointing)")
+    m.add_argument("--offload", action="store_true", help="checkpointed layer inputs in host memory")
+    m.add_argument("--gpus", type=int, default=1)
+    m.add_argument("--parallel", default="none", help="none, cp (context parallel) or sp (Ulysses) across --gpus")
+    m.add_argument("--no-shard", action="store_true", help="replicate weights and optimizer (DDP) instead of FSDP")
+    m.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weights and activations")
+    m.add_argument("--attention", default="sdpa", help="sdpa (memory-efficient: sdpa, flash, flex) or eager")
+    m.add_argument("--memory", type=float, default=80.0, help="GiB per device to fit in (default 80)")
+    m.add_argument("--json", action="store_true", help="print the plan as JSON")
+    m.set_defaults(func=_plan)
 
     d = sub.add_parser("demo", parents=[common], help="SmolLM2-135M on the embedded corpus: schemes side by side")
     d.add_argument("--model", default="smollm2", help="HF folder or hub id (default: the packaged SmolLM2-135M)")

@@ -47,3 +47,19 @@ def test_evidence_script_runs_at_toy_size(tmp_path):
     assert (tmp_path / "train_short.png").stat().st_size > 1000 and "| llama/rope |" in (
         tmp_path / "README.md"
     ).read_text()
+
+
+def test_gpu_long_training_script_runs_at_toy_size_on_cpu(tmp_path):
+    out = tmp_path / "long.md"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_long_training.py"), "--toy", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    assert "| plain | 128 | trains |" in text and "| kit | 128 | trains |" in text
+    rows = __import__("json").loads(out.with_suffix(".json").read_text())["rows"]
+    by = {(r["recipe"], r["length"]): r["loss"] for r in rows}
+    assert abs(by["plain", 128] - by["kit", 128]) < 1e-4  # the same step, whichever way memory is spent

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._compat import recompile_headroom
+from ..errors import UnsupportedSchemeError
 from ..schemes.alibi import alibi_bias
 from .backends import AttentionTerm, term_of
 from .flash import flash_alibi_attention
@@ -28,19 +29,40 @@ from .flash import flash_alibi_attention
 
 class AlibiTerm(AttentionTerm):
     """ALiBi on one attention module: its per-head slopes (a non-persistent buffer, so it follows
-    ``.to()`` and is not saved); every backend adds ``-slope * distance`` its own way."""
+    ``.to()`` and is not saved); every backend adds ``-slope * distance`` its own way.
+
+    ``heads``: the heads this rank's attention receives when heads are sharded (DeepSpeed Ulysses),
+    None for all; set by :func:`hf_posenc.train.parallel.shard_alibi_heads`."""
+
+    heads: slice | None = None
 
     def __init__(self, slopes: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("slopes", slopes, persistent=False)
 
+    def slopes_for(self, num_heads: int) -> torch.Tensor:
+        """The slopes of the ``num_heads`` query heads this call attends with."""
+        slopes = self.slopes if self.heads is None else self.slopes[self.heads]
+        if slopes.shape[0] != num_heads:
+            held = "all heads" if self.heads is None else f"heads {self.heads.start}..{self.heads.stop - 1}"
+            raise UnsupportedSchemeError(
+                f"ALiBi holds {slopes.shape[0]} slopes ({held}) but attention received {num_heads} query heads. "
+                "Under head sharding (DeepSpeed Ulysses) run the step inside "
+                "hf_posenc.train.parallel.shard_alibi_heads(model, sp_rank, sp_size)."
+            )
+        return slopes
+
     def attend(self, backend, module, query, key, value, attention_mask, **kwargs):
         return FUNCTIONS[backend](module, query, key, value, attention_mask, **kwargs)
 
 
-def _slopes(module: nn.Module) -> torch.Tensor | None:
+def _slopes(module: nn.Module, num_heads: int | None = None) -> torch.Tensor | None:
+    """The ALiBi slopes of ``module`` (None without an ALiBi term): all of them, or those of the
+    ``num_heads`` query heads this call holds."""
     term = term_of(module)
-    return term.slopes if isinstance(term, AlibiTerm) else None
+    if not isinstance(term, AlibiTerm):
+        return None
+    return term.slopes if num_heads is None else term.slopes_for(num_heads)
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -68,7 +90,7 @@ def eager_alibi_attention(
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     q_len, kv_len = query.shape[2], key.shape[2]
-    slopes = _slopes(module)
+    slopes = _slopes(module, query.shape[1])
     if slopes is not None:
         scores = scores + alibi_bias(slopes, q_len, kv_len).to(scores.dtype)[None]
     return masked_softmax_attention(module, scores, value, attention_mask, dropout)
@@ -113,7 +135,7 @@ def sdpa_alibi_attention(
 ) -> tuple[torch.Tensor, None]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    slopes = _slopes(module)
+    slopes = _slopes(module, query.shape[1])
     if slopes is not None:
         bias = alibi_bias(slopes, query.shape[2], key.shape[2]).to(query.dtype)[None]
         kwargs["position_bias"] = bias
@@ -199,7 +221,7 @@ def flex_alibi_attention(
     if kind in _FLEX_FAILED:
         return _sdpa_instead(module, query, key, value, attention_mask, scaling, kwargs)
     original = (query, key, value)
-    slopes = _slopes(module)
+    slopes = _slopes(module, query.shape[1])
     offset = torch.tensor(key.shape[2] - query.shape[2], device=query.device)
     if slopes is not None:
         slopes = slopes.to(device=query.device, dtype=torch.float32)

@@ -69,7 +69,7 @@ def flash_alibi_attention(
 
     from .attention import _slopes  # attention imports this module
 
-    slopes = _slopes(module)
+    slopes = _slopes(module, query.shape[1])
     if slopes is not None:
         slopes = slopes.to(device=query.device, dtype=torch.float32).contiguous()
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, L, heads, D)

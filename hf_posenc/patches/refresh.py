@@ -100,7 +100,10 @@ class CacheRefreshForward(ForwardWrapper):
     """The decoder's forward for a length-dependent scheme: re-encodes the cached prefix whenever the
     scale changes during cached decoding. The history of cached tokens lives on the cache object, so
     a cache is tracked however it came into being: passed by the caller or by ``generate``, or created
-    by the model inside a first ``use_cache=True`` call."""
+    by the model inside a first ``use_cache=True`` call. ``pinned_length``: as on the rotary module
+    (a sharded step's global length), so shards of one sequence share one scale and never refresh."""
+
+    pinned_length: int | None = None
 
     def __init__(self, decoder: nn.Module, scheme: Any) -> None:
         super().__init__(decoder)
@@ -120,7 +123,7 @@ class CacheRefreshForward(ForwardWrapper):
         if positions is None:
             positions = torch.arange(past, past + length, device=new.device).unsqueeze(0)
         positions = positions.expand(batch, -1)
-        bucket = scheme.length_bucket(sequence_length(positions))
+        bucket = scheme.length_bucket(sequence_length(positions, self.pinned_length))
         kind, tokens = ("ids", input_ids) if input_ids is not None else ("embeds", inputs_embeds)
         if cache is None:  # the model may create a cache inside this call: track it if it does
             out = self.call_inner(**call.kwargs())

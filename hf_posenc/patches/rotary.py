@@ -28,17 +28,30 @@ LAYOUTS = ("cat", "interleave", "half")
 _MAX_TABLES = 64
 
 
-def sequence_length(position_ids: torch.Tensor) -> int:
-    """The length a length-dependent scheme scales for: the largest position plus one."""
-    return int(position_ids.max()) + 1
+def sequence_length(position_ids: torch.Tensor, pinned: int | None = None) -> int:
+    """The length a length-dependent scheme scales for: the largest position plus one, or ``pinned``
+    (the global length of a batch whose sequence is sharded across devices, which one shard's positions
+    do not show; see :func:`hf_posenc.train.parallel.pin_global_length`)."""
+    local = int(position_ids.max()) + 1
+    if pinned is None:
+        return local
+    if local > pinned:
+        raise ValueError(
+            f"position {local - 1} is past the pinned global length {pinned}: pin the length of the whole "
+            "(unsharded) batch, max(position_ids) + 1."
+        )
+    return pinned
 
 
 class PosencRotaryEmbedding(nn.Module):
     """Drop-in ``rotary_emb``: ``forward(x, position_ids) -> (cos, sin)`` of shape (B, L, head_dim).
 
     Static schemes keep one frequency buffer. Length-dependent ones (dynamic NTK, LongRoPE) recompute
-    it only when :meth:`FrequencySource.length_bucket` of the current length changes.
+    it only when :meth:`FrequencySource.length_bucket` of the current length changes; ``pinned_length``
+    (None unless a sharded step set it) stands in for the length the positions show.
     """
+
+    pinned_length: int | None = None
 
     def __init__(
         self,
@@ -79,7 +92,7 @@ class PosencRotaryEmbedding(nn.Module):
         """Inverse frequencies and attention scaling for this call's positions."""
         if not self.scheme.length_dependent:
             return self.inv_freq, self.attention_scaling
-        seq_len = sequence_length(position_ids)
+        seq_len = sequence_length(position_ids, self.pinned_length)
         bucket = self.scheme.length_bucket(seq_len)
         if bucket == self.scheme.length_bucket(0):
             return self.inv_freq, self.attention_scaling

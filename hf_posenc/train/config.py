@@ -18,6 +18,7 @@ import yaml
 
 from ..errors import InvalidParameterError, did_you_mean
 from ..specs import parse_scheme_spec
+from .loss import LOSSES
 
 METHODS = ("full", "lora")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -68,6 +69,12 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # gradient clipping norm, >= 0; 0 turns clipping off
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
+    # memory at long context (docs/scaling.md): how the LM loss is computed (plain: the model's own, holding
+    # seq_len x vocab logits; chunked: pure torch, chunks of loss_chunk_size positions; liger / cce: fused
+    # CUDA kernels), and checkpointed activations kept in host memory instead of on the device
+    loss: str = "plain"
+    loss_chunk_size: int = 1024
+    offload_activations: bool = False
     # bookkeeping
     output_dir: str = "runs/default"
     eval_every: int = 50
@@ -95,6 +102,7 @@ class TrainConfig:
         choice("schedule", SCHEDULES)
         choice("mixed_precision", PRECISIONS)
         choice("attention", ATTENTIONS)
+        choice("loss", tuple(LOSSES))
         if self.attention == "s2_attn":
             from ..patches.shifted import group_size
 
@@ -128,6 +136,7 @@ class TrainConfig:
             "tiny_context",
             "tiny_width",
             "tiny_layers",
+            "loss_chunk_size",
         )
         for key in positive:
             if getattr(self, key) <= 0:
@@ -183,6 +192,10 @@ RESUMABLE_KEYS = (
     "report_to",
     "num_proc",
     "save_merged",
+    # how memory is spent, not what is computed (the loss implementations agree to float rounding)
+    "loss",
+    "loss_chunk_size",
+    "offload_activations",
 )
 
 #: dataclass annotation -> how :func:`coerce_field` types a value

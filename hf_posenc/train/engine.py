@@ -23,6 +23,17 @@ from ..errors import InvalidParameterError
 from ..specs import parse_scheme_spec
 from .config import RESUMABLE_KEYS, TrainConfig, load_config, recipe_differences
 from .data import batch_at, train_val_blocks
+from .loss import LossHead
+from .parallel import (
+    ShardPlan,
+    check_accelerator,
+    cp_buffers,
+    loss_scale,
+    plan_from_accelerator,
+    prepare_batch,
+    shard_batch,
+    sharded_step,
+)
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -250,15 +261,64 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, keep_
     return final
 
 
+def batch_loss(model, batch: dict[str, torch.Tensor], loss_head: LossHead | None) -> torch.Tensor:
+    """The mean next-token loss of ``batch``: the model's own, or through the recipe's :class:`LossHead`."""
+    if loss_head is None:
+        return model(**batch, use_cache=False).loss
+    return loss_head.loss(model, batch, use_cache=False)
+
+
+def data_parallel_place(accelerator, shard: ShardPlan | None) -> tuple[int, int]:
+    """``(data-parallel size, this rank's place)``: which rows of the global batch this process trains.
+    Under cp / sp the ranks of one group (consecutive ranks, as accelerate and DeepSpeed form them) share
+    their rows and split the sequence."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if shard is None:
+        return world, rank
+    if rank % shard.size != shard.rank:
+        raise InvalidParameterError(
+            f"Process {rank} is rank {shard.rank} of its {shard.mode} group of {shard.size}, not {rank % shard.size}: "
+            "hf_posenc expects each group to be consecutive processes (accelerate's and DeepSpeed's default)."
+        )
+    return world // shard.size, rank // shard.size
+
+
+def sharded_micro_step(accelerator, model, batch, shard: ShardPlan, loss_head: LossHead | None, cfg: TrainConfig):
+    """Forward and backward of one micro-batch whose sequence is split across ``shard``'s group: global
+    positions, targets and length taken before the split (:mod:`hf_posenc.train.parallel`), each rank's
+    loss scaled so the group's mean is the whole sequence's. Returns the scaled loss."""
+    batch = prepare_batch(batch, shard)
+    targets = batch["shift_labels"].clone()
+    with sharded_step(model, batch, shard), activation_offload(cfg):
+        if shard.mode == "cp":
+            buffers, dims = cp_buffers(batch)
+            with accelerator.maybe_context_parallel(buffers, dims, no_restore_buffers=set(buffers)):
+                mine = batch
+                loss = batch_loss(model, mine, loss_head) * loss_scale(mine["shift_labels"], targets, shard.size)
+                accelerator.backward(loss / cfg.grad_accum)
+        else:
+            mine = shard_batch(batch, shard)
+            loss = batch_loss(model, mine, loss_head) * loss_scale(mine["shift_labels"], targets, shard.size)
+            accelerator.backward(loss / cfg.grad_accum)
+    return loss / cfg.grad_accum
+
+
+def activation_offload(cfg: TrainConfig):
+    """Saved activations (with checkpointing: each layer's input) kept in host memory when asked."""
+    if not cfg.offload_activations:
+        return nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+
+
 @torch.no_grad()
-def evaluate(model, blocks: torch.Tensor, cfg: TrainConfig, device) -> float | None:
+def evaluate(model, blocks: torch.Tensor, cfg: TrainConfig, device, loss_head: LossHead | None = None) -> float | None:
     if len(blocks) == 0:
         return None
     model.eval()
     losses = []
     for i in range(min(cfg.eval_batches, math.ceil(len(blocks) / cfg.batch_size))):
         ids = blocks[i * cfg.batch_size : (i + 1) * cfg.batch_size].to(device)
-        losses.append(model(input_ids=ids, labels=ids, use_cache=False).loss.item())
+        losses.append(batch_loss(model, {"input_ids": ids, "labels": ids}, loss_head).item())
     model.train()
     return sum(losses) / len(losses)
 
@@ -300,8 +360,11 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
     # The scheduler is not passed to prepare(): accelerate would step it once per process per step, and
     # `steps` here counts optimizer steps of the global batch. It is still saved with the checkpoint.
+    check_accelerator(accelerator, model)  # cp / sp: refused combinations fail before prepare
     model, optimizer = accelerator.prepare(model, optimizer)
+    shard = plan_from_accelerator(accelerator)
     accelerator.register_for_checkpointing(scheduler)
+    loss_head = LossHead(model, cfg.loss, cfg.loss_chunk_size) if cfg.loss != "plain" else None
     if cfg.report_to:
         accelerator.init_trackers("hf_posenc", config={k: str(v) for k, v in cfg.to_dict().items()})
 
@@ -322,7 +385,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         )
 
     log_path = output_dir / METRICS_FILE
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world, rank = data_parallel_place(accelerator, shard)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
     bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and accelerator.is_local_main_process))
     model.train()
@@ -339,10 +402,16 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
                 k: v[rank * cfg.batch_size : (rank + 1) * cfg.batch_size].to(accelerator.device)
                 for k, v in batch.items()
             }
+            if loss_head is not None and step == start_step and micro == 0:
+                loss_head.check(model, batch)  # equals the model's own loss here, or the run stops now
             sync = micro == cfg.grad_accum - 1
             with nullcontext() if sync else accelerator.no_sync(model):
-                loss = model(**batch, use_cache=False).loss / cfg.grad_accum
-                accelerator.backward(loss)
+                if shard is None:
+                    with activation_offload(cfg):
+                        loss = batch_loss(model, batch, loss_head) / cfg.grad_accum
+                    accelerator.backward(loss)
+                else:
+                    loss = sharded_micro_step(accelerator, model, batch, shard, loss_head, cfg)
             total += loss.detach()
         if cfg.max_grad_norm:
             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -365,7 +434,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
                 "processes": world,
             }
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            eval_loss = evaluate(model, val_blocks, cfg, accelerator.device)
+            eval_loss = evaluate(model, val_blocks, cfg, accelerator.device, loss_head)
             if eval_loss is not None:
                 record = {**(record or {"step": step}), "eval_loss": eval_loss, "eval_len": val_len}
         if record is not None and accelerator.is_main_process:
@@ -378,6 +447,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         if os.environ.get(FAULT_ENV) == f"kill-after-step:{step}":
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
+    if loss_head is not None:
+        loss_head.remove()
     if s2 is not None:
         s2.undo()  # the saved model attends fully (S²-Attn is a training-time approximation)
     final_dir = save_final(accelerator, model, tokenizer, cfg, output_dir)
