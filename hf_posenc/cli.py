@@ -312,9 +312,11 @@ def _tasks_help() -> str:
 def _eval(args: argparse.Namespace) -> int:
     from .eval import EvalSpec
 
+    if args.lm_eval:
+        return _eval_lm_eval(args)
     spec = EvalSpec(
         schemes=args.schemes,
-        tasks=args.tasks,
+        tasks=args.tasks if args.tasks is not None else ["ppl"],
         lengths=args.lengths,
         retrieval_lengths=args.retrieval_lengths,
         depths=args.depths,
@@ -328,8 +330,56 @@ def _eval(args: argparse.Namespace) -> int:
         gen_batch_size=args.gen_batch_size,
         qa_data=args.qa_data,
         attn_implementation=args.attn,
+        engine=args.engine,
+        accept=args.accept,
     )
-    return _run(args.model, spec, args.out, args.threads, not args.no_plots, args.device, args.dtype, args.resume)
+    device = args.device
+    if spec.engine == "vllm":
+        from .serving.engines import vllm_python
+
+        vllm_python(required=True)  # before the model loads
+        device = "cpu" if device == "auto" else device  # the model only feeds the export: vLLM runs it
+    return _run(args.model, spec, args.out, args.threads, not args.no_plots, device, args.dtype, args.resume)
+
+
+def _eval_lm_eval(args: argparse.Namespace) -> int:
+    """``eval --lm-eval``: lm-eval's long-context groups on local data, each scheme in turn."""
+    from .api import make_scheme
+    from .eval.lm_eval_bridge import evaluate_long_context, long_context_table, plan_long_context
+    from .specs import parse_scheme_spec
+
+    if args.tasks is not None or args.engine != "transformers":
+        raise InvalidParameterError(
+            "--lm-eval runs lm-eval's tasks on the transformers model (lm-eval's HFLM): drop --tasks and --engine, "
+            "or run them in another hf-posenc eval."
+        )
+    kw = dict(
+        ruler_lengths=args.retrieval_lengths or [4096],
+        babilong_length=args.babilong_length,
+        download=args.lm_eval_download,
+        limit=args.lm_eval_limit,
+        max_length=args.lm_eval_max_length,
+    )
+    plan_long_context(args.lm_eval, args.lm_eval_data, **kw)  # refusals before the model loads
+    for parsed in filter(None, map(parse_scheme_spec, args.schemes)):
+        make_scheme(parsed[0], **parsed[1])
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    out = Path(args.out).expanduser()
+    path, model, tokenizer = _load(args.model, args.device, args.dtype, args.attn)
+    output = evaluate_long_context(
+        model, tokenizer, args.lm_eval, args.lm_eval_data, out / "lm_eval_work", schemes=args.schemes,
+        batch_size=args.batch_size, **kw,
+    )  # fmt: skip
+    output["model"] = path
+    table = long_context_table(output)
+    (out / "lm_eval.json").write_text(json.dumps(output, indent=2, default=str) + "\n")
+    (out / "lm_eval.md").write_text(table)
+    print(table)
+    print(f"wrote {out / 'lm_eval.json'}, {out / 'lm_eval.md'}")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -418,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=["none"],
         help="comma-separated scheme specs, e.g. none,linear:factor=2,yarn:factor=2",
     )
-    e.add_argument("--tasks", type=lambda t: t.split(","), default=["ppl"], help=_tasks_help())
+    e.add_argument("--tasks", type=lambda t: t.split(","), default=None, help=_tasks_help() + " (default: ppl)")
     e.add_argument("--lengths", type=_csv(int), default=[2048], help="window lengths in tokens")
     e.add_argument("--retrieval-lengths", type=_csv(int), default=None, help="lengths for the retrieval tasks")
     e.add_argument(
@@ -460,6 +510,35 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         choices=["eager", "sdpa", "flex_attention", "flash_attention_2"],
         help="attention backend for the patched schemes (default: the model's own)",
+    )
+    e.add_argument(
+        "--engine",
+        default="transformers",
+        choices=["transformers", "vllm"],
+        help="vllm: export each scheme for vLLM ($HF_POSENC_VLLM_PYTHON, `make vllm`) and run the retrieval tasks "
+        "and ppl there (the model loads on the CPU unless --device says otherwise)",
+    )
+    e.add_argument(
+        "--accept", type=_csv(str), default=[], help="--engine vllm: consequences accepted, as export's --accept"
+    )
+    e.add_argument(
+        "--lm-eval",
+        type=_csv(str),
+        default=None,
+        help="instead of --tasks: lm-eval's long-context groups or tasks (longbench, babilong, ruler, ...) on the "
+        "data in --lm-eval-data (docs/eval_tasks.md); RULER's lengths: --retrieval-lengths (default 4096)",
+    )
+    e.add_argument("--lm-eval-data", default=None, help="folder holding longbench/<name>.jsonl, babilong/<length>/")
+    e.add_argument("--lm-eval-limit", type=int, default=None, help="documents per lm-eval task (default: all)")
+    e.add_argument(
+        "--lm-eval-max-length",
+        type=int,
+        default=None,
+        help="tokens lm-eval keeps of a prompt (cut on the left; default: the longest RULER length, else the config's)",
+    )
+    e.add_argument("--babilong-length", default="0k", help="BABILong length read: <lm-eval-data>/babilong/<it>/")
+    e.add_argument(
+        "--lm-eval-download", action="store_true", help="let lm-eval fetch the data not found locally (network)"
     )
     _add_device_args(e)
     e.set_defaults(func=_eval)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -148,7 +149,7 @@ class PerplexityResult:
 
 
 def evaluate_perplexity(
-    model: nn.Module,
+    model: nn.Module | None,
     token_ids: list[int] | torch.Tensor,
     length: int,
     *,
@@ -158,12 +159,14 @@ def evaluate_perplexity(
     buckets: int = 16,
     chunk_size: int = 1024,
     progress: bool = False,
+    nll_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> PerplexityResult:
     """Perplexity at window ``length`` over a token stream, with the per-position loss curve.
 
     Windows are batched (``batch_size`` per forward); the LM head runs in chunks so no full
     ``length x vocab`` fp32 tensor is held per window. The position curve averages the loss at each
-    in-window position (bucketed) over the scored tokens of each window.
+    in-window position (bucketed) over the scored tokens of each window. ``nll_fn`` maps a batch of
+    windows ``(B, length)`` to their NLLs ``(B, length - 1)`` in place of the model (another engine).
     """
     from tqdm.auto import tqdm
 
@@ -184,7 +187,8 @@ def evaluate_perplexity(
     total, scored = 0.0, 0
     for i in tqdm(range(0, len(spans), batch_size), desc=f"ppl@{length}", disable=not progress, leave=False):
         batch = spans[i : i + batch_size]
-        nll = token_nll(model, torch.stack([tokens[w.start : w.end] for w in batch]), chunk_size=chunk_size)
+        windows = torch.stack([tokens[w.start : w.end] for w in batch])
+        nll = nll_fn(windows) if nll_fn is not None else token_nll(model, windows, chunk_size=chunk_size)
         for row, w in zip(nll.double().cpu(), batch, strict=True):
             values = row[w.first_scored - w.start - 1 :]  # row[j] predicts window position j + 1
             positions = torch.arange(w.first_scored - w.start, length)

@@ -24,6 +24,10 @@ def markdown_report(output: dict) -> str:
     results = output["results"]
     lines: list[str] = []
     names = _task_names(results)
+    engine = (output.get("spec") or {}).get("engine", "transformers")
+    if engine != "transformers":
+        versions = sorted({str((e.get("engine") or {}).get("version")) for e in results.values()} - {"None"})
+        lines += [" ".join(["Engine:", engine, *versions, "(each scheme exported for it)"]), ""]
     for name in names:
         lines += get_task(name).report_lines(_by_scheme(results, name))
     shown: list[list[str]] = []

@@ -8,6 +8,7 @@ the CLI find it by name, alias or group (``ruler``)."""
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,8 @@ class TaskInputs:
 class EvalContext:
     """One :func:`run_eval` as a task sees it. ``label`` and ``backend`` name the scheme being run;
     ``answers(max_new_tokens)`` gives the (journaled) answer function, None to generate directly;
-    ``shared`` holds what a task's :meth:`Task.check` prepared for its :meth:`Task.run`."""
+    ``window_nll`` scores perplexity windows (None: the model's forward); ``shared`` holds what a task's
+    :meth:`Task.check` prepared for its :meth:`Task.run`."""
 
     model: nn.Module | None
     tokenizer: Any
@@ -52,14 +54,26 @@ class EvalContext:
     label: str = "none"
     backend: str | None = None
     answers: Callable[[int], AnswerBatch] | None = None
+    window_nll: Callable[[Any], Any] | None = None
     shared: dict[str, Any] = field(default_factory=dict)
 
     @property
     def retrieval_lengths(self) -> list[int]:
         return list(self.spec.retrieval_lengths or self.spec.lengths)
 
-    def for_scheme(self, label: str, backend: str | None, answers: Callable[[int], AnswerBatch] | None) -> EvalContext:
-        return dataclasses.replace(self, label=label, backend=backend, answers=answers)
+    @property
+    def engine_fields(self) -> dict[str, str]:
+        """Journal fields naming the engine: none for transformers (the keys journals had before engines)."""
+        return {} if self.spec.engine == "transformers" else {"engine": self.spec.engine}
+
+    def for_scheme(
+        self,
+        label: str,
+        backend: str | None,
+        answers: Callable[[int], AnswerBatch] | None,
+        window_nll: Callable[[Any], Any] | None = None,
+    ) -> EvalContext:
+        return dataclasses.replace(self, label=label, backend=backend, answers=answers, window_nll=window_nll)
 
 
 class Task:
@@ -74,6 +88,8 @@ class Task:
     summary: ClassVar[str] = ""
     scoring: ClassVar[str] = ""
     source: ClassVar[str] = ""
+    #: the engines that run it (``--engine``); vllm needs the task to ask only for answers or window NLLs
+    engines: ClassVar[tuple[str, ...]] = ("transformers",)
 
     def validate(self, spec: EvalSpec) -> None:
         """Refuse a spec this task cannot run, before anything is loaded."""
@@ -98,6 +114,7 @@ class ProbeTask(Task):
     """A retrieval task: seeded prompts of a token length (with a needle depth when ``has_depth``),
     answered by greedy generation and scored against reference strings."""
 
+    engines = ("transformers", "vllm")
     #: whether probes take a depth (0 = start, 1 = end); a task without one is reported per length only
     has_depth: ClassVar[bool] = True
     #: tokens generated per probe when the user gives no --max-new-tokens
@@ -139,7 +156,8 @@ class ProbeTask(Task):
             max_new_tokens=max_new_tokens,
             progress=ctx.progress,
             answer_batch=ctx.answers(max_new_tokens) if ctx.answers is not None else None,
-            gen_batch_size=ctx.spec.gen_batch_size,
+            # vLLM answers all the probes of a task in one batch
+            gen_batch_size=ctx.spec.gen_batch_size if ctx.spec.engine == "transformers" else sys.maxsize,
             probe_cache=ctx.shared.setdefault(f"probes:{self.name}", {}),  # built once, asked of every scheme
         ).to_dict()
 

@@ -20,6 +20,7 @@ class Perplexity(Task):
     summary = "Perplexity of --max-windows windows of each --lengths length cut from the --data text"
     scoring = "exp(mean token NLL), lower is better; plus the mean loss by position in the longest window"
     source = "the sliding-window protocol (non-overlapping windows, or --stride for overlapping ones)"
+    engines = ("transformers", "vllm")
 
     def check(self, ctx: EvalContext) -> None:
         spec = ctx.spec
@@ -42,7 +43,7 @@ class Perplexity(Task):
             fields = {
                 "kind": "ppl", "model": ctx.weights, "scheme": ctx.label, "attn": ctx.backend,
                 "tokens": ctx.shared["ppl_tokens_hash"], "length": length, "stride": spec.stride,
-                "max_windows": spec.max_windows, "batch_size": spec.batch_size,
+                "max_windows": spec.max_windows, "batch_size": spec.batch_size, **ctx.engine_fields,
             }  # fmt: skip
             done = journal.get(fields) if journal is not None else None
             if done is None:
@@ -52,8 +53,10 @@ class Perplexity(Task):
                     length,
                     stride=spec.stride,
                     max_windows=spec.max_windows,
-                    batch_size=spec.batch_size,
+                    # vLLM scores every window of a length in one batch
+                    batch_size=spec.batch_size if ctx.window_nll is None else spec.max_windows,
                     progress=ctx.progress,
+                    nll_fn=ctx.window_nll,
                 ).to_dict()
                 if journal is not None:
                     journal.put(fields, done)
