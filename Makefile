@@ -7,7 +7,7 @@ PIP = $(VENV)/bin/pip install -q --disable-pip-version-check -c constraints-cpu.
 STAMP = $(VENV)/.installed
 DEMO_ARGS ?=
 
-.PHONY: test demo bench evidence lint format clean vllm export-check
+.PHONY: test demo bench evidence evidence-real lint format clean vllm export-check
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,10 @@ bench: $(STAMP)
 
 evidence: $(STAMP)
 	$(VENV)/bin/python experiments/evidence.py experiments/evidence.yaml
+
+# SmolLM2-135M fine-tuned 8k -> 16k on CPU (hours; resumable: rerun to continue) -> docs/evidence-real/
+evidence-real: $(STAMP)
+	$(VENV)/bin/python experiments/evidence_real.py experiments/evidence_real.yaml out/evidence-real --report docs/evidence-real
 
 # vLLM pins its own transformers (< 5.20): it lives in its own venv, which export --verify reaches through
 # HF_POSENC_VLLM_PYTHON. Not part of `make test` (a 3.5 GB install); export-check runs both engines.
