@@ -483,3 +483,17 @@ def test_a_new_task_runs_reports_and_plots_from_its_registration(echo_task, tmp_
     assert output["results"]["none"]["echo_word"]["samples"][0]["answer"] == "alpha"
     assert "echo_word accuracy (mean over depths [0.5])" in markdown_report(output)
     assert [p.name for p in plot_results(output, tmp_path)] == ["echo_word_heatmap.png"]
+
+
+def test_report_and_plots_take_rows_that_ran_different_tasks(tmp_path):
+    """Results merged from several runs: a row without a task is left out of that task's sections."""
+    model, tok = tiny_model("llama"), char_tokenizer()
+    spec = EvalSpec(tasks=["ppl", "niah_single_1", "vt"], lengths=[64], retrieval_lengths=[1050], depths=[0.5])
+    output = run_eval(model, tok, spec, progress=False, log=lambda *_: None)
+    full = output["results"]["none"]
+    output["results"] = {"ppl only": {"ppl": full["ppl"]}, "all": full}
+    report = markdown_report(output)
+    assert "| ppl only |" in report.split("niah_single_1 accuracy")[0]  # in the perplexity table
+    assert "| ppl only |" not in report.split("niah_single_1 accuracy")[1]  # and nowhere after it
+    assert "RULER average over 2 tasks" in report and "| all |" in report
+    assert {p.name for p in plot_results(output, tmp_path)} >= {"niah_single_1_heatmap.png"}

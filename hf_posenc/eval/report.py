@@ -12,12 +12,17 @@ from .tasks import get_task, is_task, list_groups
 
 
 def _task_names(results: dict[str, dict]) -> list[str]:
-    first = next(iter(results.values()), {})
-    return [name for name in first if is_task(name)]
+    """Every task any row holds, in the order the rows hold them (rows may differ: results merged from
+    several runs)."""
+    names: list[str] = []
+    for entry in results.values():
+        names += [name for name in entry if is_task(name) and name not in names]
+    return names
 
 
 def _by_scheme(results: dict[str, dict], task: str) -> dict[str, Any]:
-    return {scheme: entry[task] for scheme, entry in results.items()}
+    """``{scheme: its result for task}`` over the rows that ran ``task``."""
+    return {scheme: entry[task] for scheme, entry in results.items() if task in entry}
 
 
 def markdown_report(output: dict) -> str:
@@ -89,6 +94,9 @@ def heatmap_lines(task: str, scheme: str, result: dict) -> list[str]:
 def group_lines(group: str, tasks: list[str], results: dict[str, dict]) -> list[str]:
     """The group's average per length for each scheme, then each scheme's per-task accuracy per length."""
     title = group.upper().replace("_ALL", " (all tasks)")
+    results = {scheme: entry for scheme, entry in results.items() if all(t in entry for t in tasks)}
+    if not results:
+        return []
     lengths = results[next(iter(results))][tasks[0]]["lengths"]
     table = {scheme: {t: row_means(entry[t]) for t in tasks} for scheme, entry in results.items()}
     average = {
