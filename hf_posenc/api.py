@@ -47,6 +47,13 @@ def patch_target(model: nn.Module) -> nn.Module:
     return model
 
 
+def unwrapped_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside DDP / DeepSpeed (``.module``) and peft wrappers."""
+    while isinstance(getattr(model, "module", None), nn.Module) and not hasattr(model, "config"):
+        model = model.module
+    return patch_target(model)
+
+
 def get_handle(model: nn.Module) -> PatchHandle | None:
     """The active handle of a patched model (or of the base model of a peft model), or None."""
     return patch_target(model).__dict__.get(_HANDLE_ATTR)

@@ -289,17 +289,14 @@ def sharded_micro_step(accelerator, model, batch, shard: ShardPlan, loss_head: L
     loss scaled so the group's mean is the whole sequence's. Returns the scaled loss."""
     batch = prepare_batch(batch, shard)
     targets = batch["shift_labels"].clone()
-    with sharded_step(model, batch, shard), activation_offload(cfg):
-        if shard.mode == "cp":
-            buffers, dims = cp_buffers(batch)
-            with accelerator.maybe_context_parallel(buffers, dims, no_restore_buffers=set(buffers)):
-                mine = batch
-                loss = batch_loss(model, mine, loss_head) * loss_scale(mine["shift_labels"], targets, shard.size)
-                accelerator.backward(loss / cfg.grad_accum)
-        else:
-            mine = shard_batch(batch, shard)
-            loss = batch_loss(model, mine, loss_head) * loss_scale(mine["shift_labels"], targets, shard.size)
-            accelerator.backward(loss / cfg.grad_accum)
+    if shard.mode == "cp":  # accelerate shards the buffers in place, inside the scope
+        buffers, dims = cp_buffers(batch)
+        scope, mine = accelerator.maybe_context_parallel(buffers, dims, no_restore_buffers=set(buffers)), batch
+    else:
+        scope, mine = nullcontext(), shard_batch(batch, shard)
+    with sharded_step(model, batch, shard), activation_offload(cfg), scope:
+        loss = batch_loss(model, mine, loss_head) * loss_scale(mine["shift_labels"], targets, shard.size)
+        accelerator.backward(loss / cfg.grad_accum)
     return loss / cfg.grad_accum
 
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..api import unwrapped_model
 from ..errors import InvalidParameterError
 
 IGNORE_INDEX = -100
@@ -51,17 +52,13 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
 
 def output_head(model: nn.Module) -> nn.Module:
     """The module producing the logits, through peft and accelerate wrappers."""
-    inner = model
-    for _ in range(4):  # DDP/FSDP -> peft -> LoRA model -> transformers model
-        if hasattr(inner, "get_output_embeddings") and inner.get_output_embeddings() is not None:
-            return inner.get_output_embeddings()
-        inner = getattr(inner, "module", None) or getattr(inner, "base_model", None) or getattr(inner, "model", None)
-        if inner is None:
-            break
-    raise InvalidParameterError(
-        f"{type(model).__name__} has no output head (get_output_embeddings()), so the loss cannot be computed "
-        "without its full logits; use loss: plain."
-    )
+    head = unwrapped_model(model).get_output_embeddings()
+    if head is None:
+        raise InvalidParameterError(
+            f"{type(model).__name__} has no output head (get_output_embeddings()), so the loss cannot be "
+            "computed without its full logits; use loss: plain."
+        )
+    return head
 
 
 def logit_transform(config) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -97,7 +94,7 @@ class LossHead:
             require_kernel(kind)
         self.kind, self.chunk_size = kind, chunk_size
         self.head = output_head(model)
-        self.transform = logit_transform(_config_of(model))
+        self.transform = logit_transform(unwrapped_model(model).config)
         self._head_forward = self.head.forward
         self._targets: torch.Tensor | None = None
         self._result: torch.Tensor | None = None
@@ -167,18 +164,6 @@ class LossHead:
     def _chunk_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self.transform(self._head_forward(hidden)).float()
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def _config_of(model: nn.Module):
-    inner = model
-    for _ in range(4):
-        config = getattr(inner, "config", None)
-        if config is not None and hasattr(config, "vocab_size"):
-            return config
-        inner = getattr(inner, "module", None) or getattr(inner, "base_model", None) or getattr(inner, "model", None)
-        if inner is None:
-            break
-    return None
 
 
 def require_kernel(kind: str) -> None:

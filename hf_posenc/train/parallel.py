@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..api import unwrapped_model
 from ..errors import InvalidParameterError, UnsupportedSchemeError, did_you_mean
 
 MODES = ("cp", "sp")
@@ -324,17 +325,8 @@ def sharded_step(model: nn.Module, batch: Mapping[str, torch.Tensor], plan: Shar
 # ----------------------------------------------------------------------------- validation
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside DDP / DeepSpeed / peft wrappers."""
-    from ..api import patch_target
-
-    while isinstance(getattr(model, "module", None), nn.Module) and not hasattr(model, "config"):
-        model = model.module
-    return patch_target(model)
-
-
 def attn_implementation(model: nn.Module) -> str:
-    config = _unwrap(model).config
+    config = unwrapped_model(model).config
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return getattr(config, "_attn_implementation", None) or "eager"
 
@@ -351,7 +343,7 @@ def check_parallel(model: nn.Module, plan: ShardPlan) -> None:
     accepted. Call before ``accelerator.prepare``."""
     import hf_posenc
 
-    inner = _unwrap(model)
+    inner = unwrapped_model(model)
     backend = attn_implementation(inner)
     handle = hf_posenc.get_handle(inner)
     scheme = handle.scheme if handle is not None else None
