@@ -395,6 +395,7 @@ def cp_buffers_worker(out: str) -> None:
     dist.all_gather_object(found, {"same_shard": same, "tables": tables})
     if rank == 0:
         Path(out).write_text(json.dumps({str(r): f for r, f in enumerate(found)}))
+    dist.barrier()  # no rank tears gloo down while the other still uses it
     dist.destroy_process_group()
 
 
@@ -485,6 +486,7 @@ def ulysses_worker(out: str) -> None:
         results[name] = {"logits": diffs[0].item(), "grad": diffs[1].item()}
     if rank == 0:
         Path(out).write_text(json.dumps(results))
+    dist.barrier()  # no rank tears gloo down while the other still uses it
     dist.destroy_process_group()
 
 
