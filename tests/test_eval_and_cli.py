@@ -213,6 +213,21 @@ def test_cli_demo_selects_its_preset():
         parser.parse_args(["demo", "--quick", "--full"])
 
 
+def test_full_demo_runs_three_trials_per_retrieval_cell_and_resumes(monkeypatch):
+    import hf_posenc.cli as cli
+    from hf_posenc.demo import FULL
+
+    assert FULL.trials >= 3
+    seen = {}
+    monkeypatch.setattr(cli, "_run", lambda *a: seen.setdefault("args", a) and 0)
+    assert cli.main(["demo", "--full", "--resume", "--out", "x"]) == 0
+    spec, resume = seen["args"][1], seen["args"][-1]
+    assert spec is FULL and resume is True
+    seen.clear()
+    cli.main(["demo"])
+    assert seen["args"][-1] is False
+
+
 def test_cli_help_names_recipes_that_exist(capsys):
     import re
     from pathlib import Path
