@@ -494,7 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--qa-data",
         default=None,
         help="qa_1/qa_2 only: a folder holding qa_1.jsonl / qa_2.jsonl (or .json), or one such file, of "
-        'records {"context" or "contexts", "question", "answers"}',
+        'records {"context" or "contexts", "question", "answers"}, or hf:NAME[:CONFIG]:SPLIT (SQuAD/HotpotQA '
+        "shapes read as they are)",
     )
     e.add_argument("--out", default="out/eval", help="folder for results.json, report.md and plots")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads")

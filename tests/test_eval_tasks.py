@@ -369,6 +369,46 @@ def test_qa_reads_a_file_or_a_folder_and_hides_the_gold_documents(qa_data):
     assert folder.prompt.count("Document ") > 10  # and many distractors
 
 
+def test_qa_reads_datasets_in_squad_and_hotpotqa_shapes(tmp_path):
+    """``--qa-data hf:...``: SQuAD rows (answers as a dict; unanswerable SQuAD 2.0 rows left out) and
+    HotpotQA rows (columnar title/sentences context, every paragraph gold) from local dataset folders."""
+    from hf_posenc.eval.tasks.ruler_qa import load_hf_records
+
+    squad, hotpot = tmp_path / "squad", tmp_path / "hotpot"
+    squad.mkdir(), hotpot.mkdir()
+    rows = [
+        {"context": f"The harbour of Vel{i} holds the ship Aurora-{i}.", "question": f"Which ship is in Vel{i}?",
+         "answers": {"text": [f"Aurora-{i}", f"the Aurora-{i}"] if i else [], "answer_start": [0, 0] if i else []}}
+        for i in range(12)
+    ]  # fmt: skip
+    (squad / "validation.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    rows = [
+        {"question": f"On which river was Mira{i} born?", "answer": f"Oss-{i}",
+         "context": {"title": [f"Mira{i}", f"Tal{i}"], "sentences": [[f"Mira{i} was ", f"born in Tal{i}."], [f"Tal{i} lies on Oss-{i}."]]}}  # noqa: E501
+        for i in range(12)
+    ]  # fmt: skip
+    (hotpot / "validation.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    records = load_hf_records(f"hf:{squad}:validation")
+    assert len(records) == 11 and records[0].answers == ("Aurora-1", "the Aurora-1")  # row 0 unanswerable
+    assert records[0].contexts == ("The harbour of Vel1 holds the ship Aurora-1.",)
+    assert load_hf_records(f"hf:{hotpot}::validation")[3].contexts == (
+        "Mira3\nMira3 was born in Tal3.",
+        "Tal3\nTal3 lies on Oss-3.",
+    )
+    tok = char_tokenizer()
+    probe = make_probe("qa_2", tok, 2048, None, 4, qa_data=f"hf:{hotpot}:validation")
+    i = re.search(r"Mira(\d+)", re.search(r"Question: (.+?) Answer:", probe.prompt).group(1)).group(1)
+    assert "Document" in probe.prompt and f"Tal{i}\nTal{i} lies on Oss-{i}." in probe.prompt
+    assert probe.references == (f"Oss-{i}",) and get_task("qa_2").score(f" Oss-{i}", probe.references) == 1.0
+    assert EvalSpec(tasks=["qa_1"], qa_data=f"hf:{squad}:validation").qa_data.startswith("hf:")
+    with pytest.raises(hf_posenc.InvalidParameterError, match=r"Expected --qa-data hf:NAME\[:CONFIG\]:SPLIT"):
+        EvalSpec(tasks=["qa_1"], qa_data="hf:only-a-name")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "train.jsonl").write_text(json.dumps({"question": "Q?", "context": "c"}) + "\n")
+    with pytest.raises(hf_posenc.InvalidParameterError, match="holds no answerable QA rows"):
+        make_probe("qa_1", tok, 2048, None, 0, qa_data=f"hf:{tmp_path / 'empty'}:train")
+
+
 # --- batched generation ---------------------------------------------------------------------------------
 
 

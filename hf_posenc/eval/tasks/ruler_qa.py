@@ -3,10 +3,16 @@ distractor documents from the rest of the dataset, as many as the length holds. 
 ``scripts/data/synthetic/qa.py`` (``Document i:`` blocks, seeded order) with the instructions of
 ``scripts/data/synthetic/constants.py`` (``TASKS["qa"]``), reworded.
 
-RULER uses SQuAD (qa_1) and HotpotQA (qa_2); nothing is downloaded here, so the user supplies the data:
-``--qa-data`` names a folder holding ``qa_1.jsonl`` / ``qa_2.jsonl`` (or ``.json``), or one such file.
+RULER uses SQuAD (qa_1) and HotpotQA (qa_2); nothing is downloaded unasked, so the user supplies the data:
+``--qa-data`` names a folder holding ``qa_1.jsonl`` / ``qa_2.jsonl`` (or ``.json``), or one such file, or
+a ``datasets`` dataset as ``hf:NAME[:CONFIG]:SPLIT`` (e.g. ``hf:rajpurkar/squad_v2::validation``,
+``hf:hotpotqa/hotpot_qa:distractor:validation``; a local dataset folder works offline).
 A record is ``{"context": str}`` or ``{"contexts": [str, ...]}`` with ``"question": str`` and
-``"answers": [str, ...]`` (a single string is accepted)."""
+``"answers": [str, ...]`` (a single string is accepted). Dataset rows may also have the hub's shapes:
+SQuAD's ``answers = {"text": [...], ...}`` and HotpotQA's ``context = {"title": [...], "sentences":
+[[...], ...]}`` (each paragraph becomes ``title\n`` + its sentences, every paragraph of a question is
+gold, as in RULER). Rows without an answer (SQuAD 2.0's unanswerable questions) are left out, as
+RULER leaves them out; a dataset with no answerable row is refused."""
 
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ INTRO = f"{RULES}\n\nHere are the documents.\n\n"
 QUESTION = "\n\n" + RULES.replace("below", "above") + "\n\nQuestion: {question}"
 ANSWER = " Answer:"
 RECORD_FORMAT = '{"context": "..." or "contexts": ["...", ...], "question": "...", "answers": ["...", ...]}'
+HF_QA_FORMAT = "hf:NAME[:CONFIG]:SPLIT"
 
 
 class QARecord(NamedTuple):
@@ -45,16 +52,20 @@ class QuestionAnswering(ProbeTask):
     def validate(self, spec) -> None:
         self.data_file(spec.qa_data)
 
-    def data_file(self, qa_data: str | None) -> Path:
-        """The file this task reads from ``--qa-data`` (a folder holding ``<task>.jsonl``, or a file)."""
+    def data_file(self, qa_data: str | None) -> Path | str:
+        """What this task reads from ``--qa-data``: the file (a folder holding ``<task>.jsonl``, or a file),
+        or the ``hf:`` dataset spec as given (its format checked)."""
         how = (
             f"pass --qa-data (EvalSpec.qa_data) a folder holding {self.name}.jsonl or {self.name}.json, or one "
-            f"such file, of records {RECORD_FORMAT}"
+            f"such file, of records {RECORD_FORMAT}, or a datasets dataset as {HF_QA_FORMAT}"
         )
         if not qa_data:
             raise InvalidParameterError(
                 f"{self.name} needs a QA dataset, which is not downloaded: {how}. RULER uses {self.dataset}."
             )
+        if qa_data.startswith("hf:"):
+            parse_hf_qa_source(qa_data)
+            return qa_data
         path = Path(qa_data).expanduser()
         if path.is_file():
             return path
@@ -64,8 +75,11 @@ class QuestionAnswering(ProbeTask):
         raise InvalidParameterError(f"{self.name}: no QA data at {qa_data}; {how}.")
 
     def make_probe(self, tokenizer, length: int, depth: float | None, seed: int, inputs: TaskInputs) -> Probe:
-        path = self.data_file(inputs.qa_data)
-        records = load_records(str(path), path.stat().st_mtime_ns)
+        source = self.data_file(inputs.qa_data)
+        if isinstance(source, str):
+            records = load_hf_records(source)
+        else:
+            records = load_records(str(source), source.stat().st_mtime_ns)
         order = random.Random(f"{self.name}-order").sample(range(len(records)), len(records))
         record = records[order[seed % len(records)]]  # seeds walk through the questions without repeats
         gold = set(record.contexts)
@@ -103,7 +117,55 @@ def load_records(path: str, mtime_ns: int = 0) -> tuple[QARecord, ...]:
         raise InvalidParameterError(f"{path} is not valid JSON{'L' * path.endswith('.jsonl')}: {exc}.") from exc
     if not isinstance(raw, list) or not raw:
         raise InvalidParameterError(f"{path} holds no QA records; expected a list of {RECORD_FORMAT}.")
-    return tuple(_record(path, i, r) for i, r in enumerate(raw))
+    return tuple(_record(path, i, _hub_shape(r) if isinstance(r, dict) else r) for i, r in enumerate(raw))
+
+
+def parse_hf_qa_source(source: str) -> tuple[str, str | None, str]:
+    """``hf:NAME[:CONFIG]:SPLIT`` as ``(name, config, split)``."""
+    parts = source[3:].split(":")
+    if len(parts) == 2:
+        (name, split), config = parts, None
+    elif len(parts) == 3:
+        name, config, split = parts
+    else:
+        parts = []
+    if not parts or not (name and split):
+        raise InvalidParameterError(f"Expected --qa-data {HF_QA_FORMAT} with NAME and SPLIT set, got {source!r}.")
+    return name, config or None, split
+
+
+@functools.lru_cache(maxsize=8)
+def load_hf_records(source: str) -> tuple[QARecord, ...]:
+    """The answerable QA records of a ``datasets`` dataset (``hf:NAME[:CONFIG]:SPLIT``), checked and cached."""
+    name, config, split = parse_hf_qa_source(source)
+    from datasets import load_dataset
+
+    rows = [_hub_shape(row) for row in load_dataset(name, config, split=split)]
+    records = tuple(_record(source, i, row) for i, row in enumerate(rows) if row.get("answers"))
+    if not records:
+        raise InvalidParameterError(
+            f"{source} holds no answerable QA rows; expected columns question, context(s) and answer(s) "
+            f"as in {RECORD_FORMAT}, SQuAD or HotpotQA."
+        )
+    return records
+
+
+def _hub_shape(row: dict) -> dict:
+    """A hub row in this module's record shape: SQuAD's ``answers`` dict and HotpotQA's ``context`` dict
+    (columnar titles and sentences) unpacked; other fields as they are."""
+    row = dict(row)
+    answers = row.get("answers", row.get("answer"))
+    if isinstance(answers, dict) and "text" in answers:
+        answers = answers["text"]
+    row["answers"] = [answers] if isinstance(answers, str) else answers
+    row.pop("answer", None)
+    context = row.get("context")
+    if isinstance(context, dict) and {"title", "sentences"} <= context.keys():  # the hub's columnar form
+        context = list(zip(context["title"], context["sentences"], strict=True))
+    if isinstance(context, list) and context and all(isinstance(c, list | tuple) and len(c) == 2 for c in context):
+        row.pop("context")  # HotpotQA: [[title, [sentence, ...]], ...]
+        row["contexts"] = [f"{t}\n{''.join(s)}" for t, s in context]
+    return row
 
 
 def _record(path: str, i: int, raw) -> QARecord:
