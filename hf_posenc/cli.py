@@ -589,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="preset",
         action="store_const",
         const="full",
-        help="4 schemes, 2k-16k, passkey and needle with 3 trials per cell (hours on a 2-core CPU)",
+        help="4 schemes, 2k-16k, passkey and needle with 3 trials per cell (about 70 min on a 2-core CPU)",
     )
     d.set_defaults(preset="quick")
     d.add_argument("--out", default="out/demo", help="folder for results.json, report.md and plots")

