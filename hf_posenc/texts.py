@@ -53,18 +53,22 @@ def _read_text(path: Path) -> str:
         ) from exc
 
 
-def _load_dataset(source: str) -> list[str]:
+def parse_hf_source(source: str, fields: tuple[str, ...] = ("SPLIT", "COLUMN"), flag: str = "") -> list:
+    """``hf:NAME[:CONFIG]:<fields>`` as ``[name, config or None, *fields]``; an error naming the format."""
+    fmt = ":".join(["hf:NAME[:CONFIG]", *fields])
     parts = source[3:].split(":")
-    if len(parts) == 3:
-        name, split, column = parts
-        config = None
-    elif len(parts) == 4:
-        name, config, split, column = parts
-        config = config or None
-    else:
-        raise InvalidParameterError(f"Expected {HF_FORMAT}, got {source!r}.")
-    if not (name and split and column):
-        raise InvalidParameterError(f"Expected {HF_FORMAT} with NAME, SPLIT and COLUMN set, got {source!r}.")
+    if len(parts) == len(fields) + 1:
+        parts.insert(1, "")
+    if len(parts) != len(fields) + 2:
+        raise InvalidParameterError(f"Expected {flag}{fmt}, got {source!r}.")
+    if not all(parts[:1] + parts[2:]):
+        names = ", ".join(["NAME", *fields[:-1]]) + f" and {fields[-1]}"
+        raise InvalidParameterError(f"Expected {flag}{fmt} with {names} set, got {source!r}.")
+    return [parts[0], parts[1] or None, *parts[2:]]
+
+
+def _load_dataset(source: str) -> list[str]:
+    name, config, split, column = parse_hf_source(source)
     from datasets import load_dataset
 
     dataset = load_dataset(name, config, split=split)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import ClassVar, NamedTuple
 
 from ...errors import InvalidParameterError
+from ...texts import parse_hf_source
 from ..prompts import Probe, fit_to_budget
 from .base import ProbeTask, TaskInputs, register_task, string_match_part
 
@@ -122,16 +123,8 @@ def load_records(path: str, mtime_ns: int = 0) -> tuple[QARecord, ...]:
 
 def parse_hf_qa_source(source: str) -> tuple[str, str | None, str]:
     """``hf:NAME[:CONFIG]:SPLIT`` as ``(name, config, split)``."""
-    parts = source[3:].split(":")
-    if len(parts) == 2:
-        (name, split), config = parts, None
-    elif len(parts) == 3:
-        name, config, split = parts
-    else:
-        parts = []
-    if not parts or not (name and split):
-        raise InvalidParameterError(f"Expected --qa-data {HF_QA_FORMAT} with NAME and SPLIT set, got {source!r}.")
-    return name, config or None, split
+    name, config, split = parse_hf_source(source, ("SPLIT",), flag="--qa-data ")
+    return name, config, split
 
 
 @functools.lru_cache(maxsize=8)
