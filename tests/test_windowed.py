@@ -168,14 +168,16 @@ def test_windowed_schemes_are_refused_where_they_cannot_run(model_type, kwargs, 
 @pytest.mark.parametrize("scheme", ["self_extend", "rerope"])
 def test_flex_runs_its_kernel_with_the_models_block_mask(monkeypatch, scheme):
     """flex attention itself (not the dense fallback) with a left-padded batch: the model's BlockMask,
-    doubled from its block lists, gives the eager numbers. (A fresh dynamo state: on CPU, torch 2.13
-    compiles the first shape statically; later shapes may hit its dynamic-shape bug and fall back.)"""
+    doubled from its block lists and pruned to each copy's side of the window, gives the eager numbers.
+    (A fresh dynamo state: on CPU, torch 2.13 compiles the first shape statically; later shapes may hit
+    its dynamic-shape bug and fall back.)"""
     from hf_posenc.patches import attention
 
     torch._dynamo.reset()
     monkeypatch.setattr(attention, "_FLEX_FAILED", set())
-    params = {"window_size": 16, **({"group_size": 4} if scheme == "self_extend" else {})}
-    rows = [torch.randint(2, 90, (LENGTH,)), torch.randint(2, 90, (LENGTH - 30,))]
+    params = {"window_size": 40, **({"group_size": 4} if scheme == "self_extend" else {})}
+    # past three 128-token blocks, so the window prunes blocks from both key copies
+    rows = [torch.randint(2, 90, (400,)), torch.randint(2, 90, (330,))]
     from properties import left_pad
 
     ids, mask = left_pad(rows)
@@ -188,3 +190,51 @@ def test_flex_runs_its_kernel_with_the_models_block_mask(monkeypatch, scheme):
     assert not attention._FLEX_FAILED, attention._FLEX_FAILED
     real = mask.bool()
     assert max_diff(out["eager"][real], out["flex_attention"][real]) <= 1e-5
+
+
+def scored_blocks(q_pos, k_pos, allowed, window, block):
+    """(B, q blocks, 2 x kv blocks): the blocks holding at least one score a key copy keeps, brute force."""
+    distance = q_pos[:, :, None] - k_pos[:, None, :]
+    pad_q, pad_k = -q_pos.shape[1] % block, -k_pos.shape[1] % block
+    out = []
+    for copy in (allowed & (distance < window), allowed & (distance >= window)):
+        copy = torch.nn.functional.pad(copy, (0, pad_k, 0, pad_q))
+        b, q, k = copy.shape
+        out.append(copy.view(b, q // block, block, k // block, block).any(-1).any(-2))
+    return torch.cat(out, dim=-1)
+
+
+def test_window_block_mask_keeps_every_scored_block_and_prunes_the_rest():
+    """The doubled block mask holds every block in which some score survives (so nothing is lost), and for
+    contiguous positions exactly those blocks; it visits far fewer blocks than both copies in full."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from hf_posenc.patches.windowed import _window_block_mask
+
+    length, window, block = 700, 150, 128
+    offset = -(-length // block) * block
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    contiguous = torch.arange(length)[None]
+    # no model mask (causal): exactly the scored blocks
+    got = _window_block_mask(None, (contiguous, contiguous), window, length, offset).to_dense().bool()
+    want = scored_blocks(contiguous, contiguous, causal[None], window, block)
+    assert torch.equal(got[:, 0], want)
+    both_copies_in_full = 2 * scored_blocks(contiguous, contiguous, causal[None], 10**9, block).sum()
+    assert got.sum() < 0.75 * both_copies_in_full
+    # a left-padded batch under the model's own BlockMask: a superset of the scored blocks
+    real = torch.ones(2, length, dtype=torch.bool)
+    real[1, :260] = False
+    positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+
+    def model_mask(b, h, q, k):
+        return (k <= q) & real[b, k]
+
+    block_mask = create_block_mask(model_mask, 2, 1, length, length, device="cpu")
+    got = _window_block_mask(block_mask, (positions, positions), window, length, offset).to_dense().bool()
+    allowed = causal[None] & real[:, None, :]
+    want = scored_blocks(positions, positions, allowed, window, block)
+    assert not (want & ~got[:, 0]).any()
+    full = scored_blocks(positions, positions, allowed, 10**9, block) | scored_blocks(
+        positions, positions, allowed, -1, block
+    )
+    assert got.sum() < full.sum()

@@ -8,7 +8,9 @@ merged scores.
 
 - eager and sdpa: both score matrices are materialised and merged (L x L, as eager attention is);
 - flex_attention: one pass over the keys twice (each copy scored with its own rotation and masked to
-  its side of the window): one softmax, 2x keys, no L x L tensor. (Two passes merged by their
+  its side of the window): one softmax, no L x L tensor. The block mask keeps each copy only on the
+  blocks that hold scores on its side of the window, so the two copies together visit about as many
+  blocks as plain attention (the queries carry both rotations: 2x channels in q.k). (Two passes merged by their
   log-sum-exp, :func:`~hf_posenc.schemes.relative_math.merge_by_logsumexp`, would need flex's
   ``return_lse``, which compiled flex on CPU does not support.)
 
@@ -112,7 +114,8 @@ class WindowedRotaryTerm(AttentionTerm):
     def _flex(self, module, near, far, value, attention_mask, positions, scaling, dropout):
         """One flex pass over the keys twice: channels ``[near | far]`` in the queries, keys
         ``[near | 0]`` then ``[0 | far]``, so each key copy scores with its own rotation; each copy is
-        masked to its side of the window, and one softmax covers both (2x keys and channels, no L x L)."""
+        masked to its side of the window, and one softmax covers both (2x channels, no L x L; the block
+        mask skips the blocks a copy never scores)."""
         from torch.nn.attention.flex_attention import BlockMask
 
         from .attention import _FLEX_FAILED, _compile_failures, _compiled_flex, _flex_failed
@@ -157,7 +160,7 @@ class WindowedRotaryTerm(AttentionTerm):
                 keep = keep & (j <= q_idx + (kv_len - q_len))
             return torch.where(keep, score, -float("inf"))
 
-        doubled = _doubled_block_mask(block_mask, kv_len, offset) if block_mask is not None else None
+        doubled = _window_block_mask(block_mask, positions, window, kv_len, offset)
         try:
             with recompile_headroom():
                 out = _compiled_flex()(
@@ -179,32 +182,61 @@ def _padded(x: torch.Tensor, length: int, *, left: bool | None = None) -> torch.
     return F.pad(x, (0, 0, 0, length - x.shape[2]))
 
 
-def _rows_concat(a_idx: torch.Tensor, a_num: torch.Tensor, b_idx: torch.Tensor, b_num: torch.Tensor):
-    """Per row, the ``a_num`` valid entries of ``a_idx`` then the ``b_num`` of ``b_idx`` (block lists)."""
-    width = a_idx.shape[-1] + b_idx.shape[-1]
-    j = torch.arange(width, device=a_idx.device).expand(*a_idx.shape[:-1], width)
-    take_a = a_idx.gather(-1, j.clamp(max=a_idx.shape[-1] - 1))
-    take_b = b_idx.gather(-1, (j - a_num[..., None]).clamp(0, b_idx.shape[-1] - 1))
-    return torch.where(j < a_num[..., None], take_a, take_b).to(a_idx.dtype), (a_num + b_num).to(a_num.dtype)
+def _block_bounds(pos: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block of ``block`` consecutive entries of ``pos`` (B, L): the least and greatest position."""
+    blocks = -(-pos.shape[-1] // block)
+    pad = blocks * block - pos.shape[-1]
+    pos = pos.float()
+    low = F.pad(pos, (0, pad), value=float("inf")).view(pos.shape[0], blocks, block).amin(-1)
+    high = F.pad(pos, (0, pad), value=float("-inf")).view(pos.shape[0], blocks, block).amax(-1)
+    return low, high
 
 
-def _doubled_block_mask(mask: Any, kv_len: int, offset: int) -> Any:
-    """The model's BlockMask over the keys twice (the second copy at ``offset``), built from its block
-    lists (no dense evaluation). Every block becomes a partial one, so the mask function (which also masks
-    the padding between the copies) runs wherever a block is visited."""
+def _visited_blocks(mask: Any, kv_blocks: int) -> torch.Tensor:
+    """The blocks the model's BlockMask visits (partial or full), as a (B, H, q blocks, kv blocks) bool."""
+    visited = None
+    for num, idx in ((mask.kv_num_blocks, mask.kv_indices), (mask.full_kv_num_blocks, mask.full_kv_indices)):
+        if num is None:
+            continue
+        valid = torch.arange(idx.shape[-1], device=idx.device) < num[..., None]
+        hits = torch.zeros(*idx.shape[:-1], kv_blocks, dtype=torch.int32, device=idx.device)
+        hits.scatter_add_(-1, torch.where(valid, idx, 0).long(), valid.int())
+        visited = hits > 0 if visited is None else visited | (hits > 0)
+    return visited
+
+
+def _window_block_mask(mask: Any, positions: tuple, window: int, kv_len: int, offset: int) -> Any:
+    """The block mask of the doubled keys: the model's mask (causal when there is none) over both
+    copies, the near copy kept only on blocks holding some distance < ``window`` and the far copy only
+    on blocks holding some distance >= ``window`` (from each block's position bounds, so padded,
+    packed and cached positions prune correctly). Blocks a copy never scores are skipped, so the two
+    copies together visit about as many blocks as plain attention does. Every kept block is a partial
+    one: the score modifier masks inside it."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    inner = mask.mask_mod
-    num, idx = mask.kv_num_blocks, mask.kv_indices
-    if mask.full_kv_num_blocks is not None:
-        idx, num = _rows_concat(idx, num, mask.full_kv_indices, mask.full_kv_num_blocks)
-    blocks = offset // mask.BLOCK_SIZE[1]
-    idx, num = _rows_concat(idx, num, idx + blocks, num)
+    q_pos, k_pos = positions
+    q_block, kv_block = mask.BLOCK_SIZE if mask is not None else (128, 128)
+    kv_blocks = offset // kv_block
+    q_low, q_high = _block_bounds(q_pos, q_block)
+    k_low, k_high = _block_bounds(k_pos, kv_block)
+    near = (q_low[:, :, None] - k_high[:, None, :]) < window  # (B, q blocks, kv blocks)
+    far = (q_high[:, :, None] - k_low[:, None, :]) >= window
+    if mask is not None:
+        visited = _visited_blocks(mask, kv_blocks)
+    else:  # causal, queries aligned to the last keys
+        q_last = (torch.arange(q_low.shape[1], device=q_pos.device) + 1) * q_block - 1 + (kv_len - q_pos.shape[1])
+        k_first = torch.arange(kv_blocks, device=q_pos.device) * kv_block
+        visited = (k_first[None, :] <= q_last[:, None])[None, None]
+    dense = torch.cat((visited & near[:, None], visited & far[:, None]), dim=-1)
+    num = dense.sum(-1, dtype=torch.int32)
+    idx = torch.argsort((~dense).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    inner = mask.mask_mod if mask is not None else None
 
     def mask_mod(b, h, q_idx, kv_idx):
         j = torch.where(kv_idx >= offset, kv_idx - offset, kv_idx)
-        return (j < kv_len) & inner(b, h, q_idx, j.clamp(max=kv_len - 1))
+        real = j < kv_len
+        return real if inner is None else real & inner(b, h, q_idx, j.clamp(max=kv_len - 1))
 
     return BlockMask.from_kv_blocks(
-        num, idx, BLOCK_SIZE=mask.BLOCK_SIZE, mask_mod=mask_mod, seq_lengths=(mask.seq_lengths[0], 2 * offset)
+        num, idx, BLOCK_SIZE=(q_block, kv_block), mask_mod=mask_mod, seq_lengths=(q_pos.shape[1], 2 * offset)
     )
