@@ -164,44 +164,9 @@ def _compiled_flex():
     return torch.compile(_flex)
 
 
-def _flex_one_shape(query, key, value, score_mod, block_mask, scale, enable_gqa):
-    """``_flex`` under its own frame, so its static compiles have their own dynamo cache entries."""
-    return _flex(query, key, value, score_mod, block_mask, scale, enable_gqa)
-
-
-@functools.cache
-def _static_flex():
-    """flex attention compiled for each input shape on its own (no dynamic shapes): the retry after a
-    dynamic-shape compile failed. One compile per sequence length, within ``recompile_headroom``."""
-    return torch.compile(_flex_one_shape, dynamic=False)
-
-
-#: (device type, mask kind) whose dynamic-shape flex compile failed in this process (torch 2.13's CPU
-#: flex template mis-generates C++ for some dynamic-shape masks): compiled per shape from then on
-_FLEX_STATIC: set[tuple[str, str]] = set()
-#: (device type, mask kind) whose static compile failed too: served by the caller's dense path
+#: (device type, mask kind) whose flex compile failed in this process (torch 2.13's CPU flex template
+#: mis-generates C++ for some dynamic-shape masks)
 _FLEX_FAILED: set[tuple[str, str]] = set()  # (device type, what failed)
-
-
-def run_compiled_flex(kind: tuple[str, str], query, key, value, score_mod, block_mask, scale, enable_gqa):
-    """Compiled flex attention for a call of ``kind`` (device type, mask kind), or None when it cannot
-    compile (the caller then runs its dense path). Dynamic shapes first; if that compile fails, the
-    kind is compiled shape by shape from then on (a long prompt never silently falls back to O(L^2)
-    memory because a second length hit the dynamic-shape bug); if that fails too, a warning and None."""
-    if kind in _FLEX_FAILED:
-        return None
-    args = (query, key, value, score_mod, block_mask, scale, enable_gqa)
-    with recompile_headroom():
-        if kind not in _FLEX_STATIC:
-            try:
-                return _compiled_flex()(*args)
-            except _compile_failures():
-                _FLEX_STATIC.add(kind)
-        try:
-            return _static_flex()(*args)
-        except _compile_failures():
-            _flex_failed(kind)
-            return None
 
 
 def _compile_failures() -> tuple[type[BaseException], ...]:
@@ -274,9 +239,12 @@ def flex_alibi_attention(
         groups = heads // key.shape[1]
         key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
     query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
-    out = run_compiled_flex(kind, query, key, value, score_mod, block_mask, scaling, enable_gqa)
-    if out is None:
-        return _sdpa_instead(module, *original, attention_mask, scaling, kwargs)
+    with recompile_headroom():
+        try:
+            out = _compiled_flex()(query, key, value, score_mod, block_mask, scaling, enable_gqa)
+        except _compile_failures():
+            _flex_failed(kind)
+            return _sdpa_instead(module, *original, attention_mask, scaling, kwargs)
     return out.transpose(1, 2).contiguous(), None
 
 

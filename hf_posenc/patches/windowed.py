@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .._compat import recompile_headroom
 from ..errors import UnsupportedSchemeError
 from ..schemes.windowed import WindowedScheme
 from .attention import _repeat_kv, masked_softmax_attention
@@ -117,7 +118,7 @@ class WindowedRotaryTerm(AttentionTerm):
         mask skips the blocks a copy never scores)."""
         from torch.nn.attention.flex_attention import BlockMask
 
-        from .attention import _FLEX_FAILED, run_compiled_flex
+        from .attention import _FLEX_FAILED, _compile_failures, _compiled_flex, _flex_failed
 
         if dropout > 0:
             raise ValueError("flex attention has no attention dropout: call eval(), or use eager or sdpa.")
@@ -160,10 +161,13 @@ class WindowedRotaryTerm(AttentionTerm):
             return torch.where(keep, score, -float("inf"))
 
         doubled = _window_block_mask(block_mask, positions, window, kv_len, offset)
-        out = run_compiled_flex(
-            kind, query, key.contiguous(), value2.contiguous(), score_mod, doubled, scaling, enable_gqa
-        )
-        if out is None:
+        try:
+            with recompile_headroom():
+                out = _compiled_flex()(
+                    query, key.contiguous(), value2.contiguous(), score_mod, doubled, scaling, enable_gqa
+                )
+        except _compile_failures():
+            _flex_failed(kind)
             inside = (q_pos[:, :, None] - k_pos[:, None, :]) < window
             return self._dense(module, near, far, value, attention_mask, inside, scaling, dropout)
         return out.transpose(1, 2).contiguous(), None
