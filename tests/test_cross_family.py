@@ -3,6 +3,8 @@ learned-table math, table extension past GPT-2's n_positions, and backend errors
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import max_diff, tiny_model, tokens
@@ -141,9 +143,10 @@ def test_flex_alibi_does_not_recompile_per_length():
     assert counters["stats"]["unique_graphs"] - before <= 6
 
 
-def test_flex_compile_failure_runs_sdpa_with_the_same_numbers(monkeypatch):
+def test_flex_compile_failure_runs_densely_over_query_chunks_with_the_same_numbers(monkeypatch):
     """torch 2.13's CPU flex template mis-generates C++ for some dynamic-shape masks; such a call kind
-    then runs through the sdpa backend (mask made dense) with a warning, instead of crashing."""
+    then runs densely over query chunks (the model's BlockMask evaluated chunk by chunk, so memory stays
+    O(chunk x L) at 16k) with a warning, instead of crashing; the numbers are sdpa's."""
     from hf_posenc.patches import attention
 
     def broken():
@@ -153,7 +156,9 @@ def test_flex_compile_failure_runs_sdpa_with_the_same_numbers(monkeypatch):
         return fail
 
     monkeypatch.setattr(attention, "_compiled_flex", broken)
+    monkeypatch.setattr(attention, "_static_flex", broken)  # the per-shape retry of long calls fails too
     monkeypatch.setattr(attention, "_FLEX_FAILED", set())
+    monkeypatch.setattr(attention, "DENSE_CHUNK_ELEMENTS", 7 * 50)  # 7 query rows per chunk: 8 chunks
     rows = [tokens(1, 50, seed=11)[0], tokens(1, 33, seed=12)[0]]
     from properties import left_pad, logits
 
@@ -162,6 +167,9 @@ def test_flex_compile_failure_runs_sdpa_with_the_same_numbers(monkeypatch):
     for backend in ("sdpa", "flex_attention"):
         model = tiny_model("llama", attn="sdpa")
         hf_posenc.patch(model, "alibi", attn_implementation=backend)
-        out[backend] = logits(model, ids, attention_mask=mask)
-    assert attention._FLEX_FAILED  # the flex call failed and was served by sdpa
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out[backend] = logits(model, ids, attention_mask=mask)
+    assert attention._FLEX_FAILED  # the flex call failed and was served densely
+    assert any("query chunks" in str(w.message) for w in caught), [str(w.message) for w in caught]
     assert max_diff(out["sdpa"], out["flex_attention"]) <= 1e-5

@@ -8,6 +8,8 @@ The cache, padding, packing and backend properties run in the common tester (tes
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import WINDOWED_SCHEMES, max_diff
@@ -190,6 +192,99 @@ def test_flex_runs_its_kernel_with_the_models_block_mask(monkeypatch, scheme):
     assert not attention._FLEX_FAILED, attention._FLEX_FAILED
     real = mask.bool()
     assert max_diff(out["eager"][real], out["flex_attention"][real]) <= 1e-5
+
+
+@pytest.mark.parametrize("scheme", ["self_extend", "rerope"])
+def test_flex_compile_failure_runs_densely_over_query_chunks(monkeypatch, scheme):
+    """When flex fails to compile (torch 2.13's CPU dynamic-shape bug), the call runs densely over query
+    chunks, so a 16k prompt stays O(chunk x L) in memory: left-padded, several chunks, eager's numbers."""
+    from hf_posenc.patches import attention
+
+    def broken():
+        def fail(*args, **kwargs):
+            raise torch._dynamo.exc.BackendCompilerFailed(lambda *a: None, RuntimeError("C++ compile error"), None)
+
+        return fail
+
+    monkeypatch.setattr(attention, "_compiled_flex", broken)
+    monkeypatch.setattr(attention, "_static_flex", broken)  # the per-shape retry of long calls fails too
+    monkeypatch.setattr(attention, "_FLEX_FAILED", set())
+    monkeypatch.setattr(attention, "DENSE_CHUNK_ELEMENTS", 13 * 70)  # 13 query rows per chunk
+    params = {"window_size": 12, **({"group_size": 4} if scheme == "self_extend" else {})}
+    from properties import left_pad
+
+    ids, mask = left_pad([torch.randint(2, 90, (70,)), torch.randint(2, 90, (51,))])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = {}
+    for backend in ("eager", "flex_attention"):
+        model = build("llama")
+        hf_posenc.patch(model, scheme, attn_implementation=backend, **params)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", hf_posenc.PosencWarning)
+            out[backend] = logits(model, ids, attention_mask=mask, position_ids=positions)
+    assert attention._FLEX_FAILED
+    real = mask.bool()
+    assert max_diff(out["eager"][real], out["flex_attention"][real]) <= 1e-5
+
+
+def test_long_calls_retry_a_failed_dynamic_compile_one_shape_at_a_time(monkeypatch):
+    """After the dynamic-shape compile failed (torch 2.13 on CPU), a long call (past the dense chunk
+    budget, where the dense path is slow) is compiled for its own shape and still runs flex; a short
+    one goes dense. Both give eager's numbers."""
+    from hf_posenc.patches import attention
+
+    def broken():
+        def fail(*args, **kwargs):
+            raise torch._dynamo.exc.BackendCompilerFailed(lambda *a: None, RuntimeError("C++ compile error"), None)
+
+        return fail
+
+    static_calls = []
+    compiled = attention._static_flex()
+
+    def counted():
+        def run(*args):
+            static_calls.append(args[0].shape[2])
+            return compiled(*args)
+
+        return run
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(attention, "_compiled_flex", broken)
+    monkeypatch.setattr(attention, "_static_flex", counted)
+    monkeypatch.setattr(attention, "_FLEX_FAILED", set())
+    monkeypatch.setattr(attention, "DENSE_CHUNK_ELEMENTS", 20_000)
+    out = {}
+    for length in (40, 150):  # 40 queries x 2 x 128 doubled keys: short; 150 x 2 x 256: long
+        ids = torch.randint(2, 90, (1, length))
+        for backend in ("eager", "flex_attention"):
+            model = build("llama")
+            hf_posenc.patch(model, "self_extend", attn_implementation=backend, group_size=4, window_size=12)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", hf_posenc.PosencWarning)
+                out[backend] = logits(model, ids)
+        assert max_diff(out["eager"], out["flex_attention"]) <= 1e-5
+    assert static_calls and set(static_calls) == {150}, static_calls
+
+
+def test_mask_rows_evaluates_a_block_mask_on_the_given_rows_only():
+    """The dense fallbacks evaluate the model's BlockMask chunk by chunk: each chunk's rows equal the
+    same rows of the whole mask (a row offset lost would give the first rows' mask again)."""
+    from torch.nn.attention.flex_attention import create_block_mask, create_mask
+
+    from hf_posenc.patches.attention import mask_rows
+
+    lengths = torch.tensor([40, 25])
+
+    def mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < 17) & (kv_idx >= 40 - lengths[b])
+
+    whole = create_mask(mod, 2, 1, 40, 40, device="cpu")
+    block = create_block_mask(mod, 2, None, 40, 40, device="cpu")
+    for rows in (slice(0, 9), slice(9, 27), slice(27, 40)):
+        assert torch.equal(mask_rows(block, 2, 40, 40, rows, torch.device("cpu")), whole[:, :, rows])
+    causal = mask_rows(None, 1, 5, 12, slice(2, 4), torch.device("cpu"))  # queries are the last 5 keys
+    assert torch.equal(causal[0, 0].sum(-1), torch.tensor([10, 11]))
 
 
 def scored_blocks(q_pos, k_pos, allowed, window, block):

@@ -14,6 +14,7 @@ adapter installed it), so two models in one process never share state.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -69,12 +70,6 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
-def _causal(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
-    """Boolean (q, kv) causal mask with queries aligned to the last keys."""
-    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)
-    return torch.arange(kv_len, device=device)[None, :] <= q_pos[:, None]
-
-
 def eager_alibi_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -97,32 +92,72 @@ def eager_alibi_attention(
 
 
 def masked_softmax_attention(
-    module: nn.Module, scores: torch.Tensor, value: torch.Tensor, attention_mask: Any, dropout: float
+    module: nn.Module,
+    scores: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    dropout: float,
+    *,
+    rows: slice | None = None,
+    q_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The rest of eager attention from (B, H, q, kv) scores: the mask (causal when None; boolean or
     additive; a flex BlockMask made dense), fp32 softmax, dropout, the values. Returns (B, q, H, D) and
-    the probabilities."""
-    q_len, kv_len = scores.shape[-2:]
-    attention_mask = dense_mask(attention_mask, scores.shape[0], q_len, kv_len)
-    if attention_mask is None:
-        scores = scores.masked_fill(~_causal(q_len, kv_len, scores.device), torch.finfo(scores.dtype).min)
-    elif attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask[:, :, :, :kv_len], torch.finfo(scores.dtype).min)
-    else:
-        scores = scores + attention_mask[:, :, :, :kv_len]
+    the probabilities. ``scores`` may hold only the query ``rows`` of a call of ``q_len`` queries."""
+    kv_len = scores.shape[-1]
+    q_len = scores.shape[-2] if q_len is None else q_len
+    mask = mask_rows(attention_mask, scores.shape[0], q_len, kv_len, rows or slice(0, q_len), scores.device)
+    fill = torch.finfo(scores.dtype).min
+    scores = scores.masked_fill(~mask, fill) if mask.dtype == torch.bool else scores + mask
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
     probs = F.dropout(probs, p=dropout, training=module.training)
     out = torch.matmul(probs, value)
     return out.transpose(1, 2).contiguous(), probs
 
 
-def dense_mask(mask: Any, batch: int, q_len: int, kv_len: int) -> Any:
-    """A flex BlockMask evaluated into a dense boolean (B, 1, q, kv) mask; any other mask as it is."""
+def mask_rows(mask: Any, batch: int, q_len: int, kv_len: int, rows: slice, device: torch.device) -> torch.Tensor:
+    """The (B or 1, 1, rows, kv) dense mask of these query rows: causal (queries aligned to the last
+    keys) when ``mask`` is None, a flex BlockMask evaluated on these rows only, else the mask's rows
+    (boolean, True = attend, or additive)."""
     from torch.nn.attention.flex_attention import BlockMask, create_mask
 
+    start, stop = rows.indices(q_len)[:2]
+    if mask is None:
+        q_pos = torch.arange(kv_len - q_len + start, kv_len - q_len + stop, device=device)
+        return (torch.arange(kv_len, device=device)[None, :] <= q_pos[:, None])[None, None]
     if isinstance(mask, BlockMask):
-        return create_mask(mask.mask_mod, batch, 1, q_len, kv_len, device=mask.kv_num_blocks.device)
-    return mask
+        mod = mask.mask_mod
+
+        def shifted(b, h, q_idx, kv_idx):
+            return mod(b, h, q_idx + start, kv_idx)
+
+        return create_mask(shifted, batch, 1, stop - start, kv_len, device=mask.kv_num_blocks.device)
+    mask = mask[:, :, :, :kv_len]
+    return mask if mask.shape[2] == 1 else mask[:, :, start:stop]
+
+
+#: score elements per (batch, head) of one dense chunk: the dense fallbacks of flex attention run over
+#: query chunks this size, so their memory is O(chunk x kv), not O(q x kv)
+DENSE_CHUNK_ELEMENTS = 1 << 23
+
+
+def chunked_softmax_attention(
+    module: nn.Module,
+    scores_for: Callable[[slice], torch.Tensor],
+    value: torch.Tensor,
+    attention_mask: Any,
+    q_len: int,
+    dropout: float = 0.0,
+) -> tuple[torch.Tensor, None]:
+    """Softmax attention over query chunks: ``scores_for(rows)`` gives the (B, H, rows, kv) scores of
+    those query rows; each chunk is masked, normalised and applied to the values on its own (a row's
+    softmax needs only its own scores, so the result equals the unchunked one)."""
+    step = max(1, DENSE_CHUNK_ELEMENTS // value.shape[2])
+    outs = [
+        masked_softmax_attention(module, scores_for(rows), value, attention_mask, dropout, rows=rows, q_len=q_len)[0]
+        for rows in (slice(start, min(start + step, q_len)) for start in range(0, q_len, step))
+    ]
+    return torch.cat(outs, dim=1), None
 
 
 def sdpa_alibi_attention(
@@ -164,9 +199,48 @@ def _compiled_flex():
     return torch.compile(_flex)
 
 
-#: (device type, mask kind) whose flex compile failed in this process (torch 2.13's CPU flex template
-#: mis-generates C++ for some dynamic-shape masks)
+def _flex_one_shape(query, key, value, score_mod, block_mask, scale, enable_gqa):
+    """``_flex`` under its own frame, so its static compiles have dynamo cache entries of their own."""
+    return _flex(query, key, value, score_mod, block_mask, scale, enable_gqa)
+
+
+@functools.cache
+def _static_flex():
+    """flex attention compiled for each input shape (no dynamic shapes): the retry for long calls after
+    the dynamic-shape compile failed. ``fullgraph``: past the recompile limit it raises instead of
+    silently running uncompiled (which would materialise every score)."""
+    return torch.compile(_flex_one_shape, dynamic=False, fullgraph=True)
+
+
+#: (device type, mask kind) whose dynamic-shape flex compile failed in this process (torch 2.13's CPU
+#: flex template mis-generates C++ for some dynamic-shape masks)
 _FLEX_FAILED: set[tuple[str, str]] = set()  # (device type, what failed)
+
+
+def run_compiled_flex(kind: tuple[str, str], query, key, value, score_mod, block_mask, scale, enable_gqa):
+    """Compiled flex attention for a call of ``kind`` (device type, mask kind), or None: the caller then
+    runs its dense path over query chunks (same numbers, slower).
+
+    Dynamic shapes first. Once that compile failed for a kind, its short calls go dense (cheaper than a
+    compile) and its long ones (more than :data:`DENSE_CHUNK_ELEMENTS` scores per head, where the dense
+    path is slow) are compiled shape by shape, up to dynamo's recompile limit."""
+    args = (query, key, value, score_mod, block_mask, scale, enable_gqa)
+    with recompile_headroom():
+        if kind not in _FLEX_FAILED:
+            try:
+                return _compiled_flex()(*args)
+            except _compile_failures():
+                _flex_failed(kind)
+        if query.shape[2] * key.shape[2] <= DENSE_CHUNK_ELEMENTS:
+            return None
+        try:
+            return _static_flex()(*args)
+        except (*_compile_failures(), _recompile_limit_hit()):
+            return None
+
+
+def _recompile_limit_hit() -> type[BaseException]:
+    return getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", torch._dynamo.exc.Unsupported)
 
 
 def _compile_failures() -> tuple[type[BaseException], ...]:
@@ -184,17 +258,30 @@ def _flex_failed(kind: tuple[str, str]) -> None:
 
     _FLEX_FAILED.add(kind)
     warnings.warn(
-        f"flex attention failed to compile for {kind[1]} on {kind[0]}; those calls now run through the dense "
-        "path with the mask made dense (same numbers, O(L^2) memory).",
+        f"flex attention failed to compile for {kind[1]} on {kind[0]}; from now on those calls run densely over "
+        "query chunks (same numbers, memory O(chunk x L), slower), long ones compiled for each shape instead.",
         PosencWarning,
         stacklevel=3,
     )
 
 
-def _sdpa_instead(module, query, key, value, attention_mask, scaling, kwargs) -> tuple[torch.Tensor, None]:
-    """The same attention through the sdpa backend (a BlockMask evaluated into a dense boolean mask)."""
-    attention_mask = dense_mask(attention_mask, query.shape[0], query.shape[2], key.shape[2])
-    return sdpa_alibi_attention(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+def _dense_instead(module, query, key, value, attention_mask, scaling) -> tuple[torch.Tensor, None]:
+    """The same attention computed densely over query chunks (memory O(chunk x kv); a BlockMask is
+    evaluated chunk by chunk): the fallback when flex attention fails to compile."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    q_len, kv_len = query.shape[2], key.shape[2]
+    slopes = _slopes(module, query.shape[1])
+    key_t = key.transpose(2, 3)
+
+    def scores_for(rows: slice) -> torch.Tensor:
+        scores = torch.matmul(query[:, :, rows], key_t) * scaling
+        if slopes is not None:
+            scores = scores + alibi_bias(slopes, q_len, kv_len, rows=rows).to(scores.dtype)[None]
+        return scores
+
+    return chunked_softmax_attention(module, scores_for, value, attention_mask, q_len)
 
 
 def flex_alibi_attention(
@@ -218,8 +305,6 @@ def flex_alibi_attention(
     dense_mask = None if block_mask is not None or attention_mask is None else attention_mask
     mask_kind = "block" if block_mask is not None else "dense" if dense_mask is not None else "no"
     kind = (query.device.type, f"{mask_kind} masks")
-    if kind in _FLEX_FAILED:
-        return _sdpa_instead(module, query, key, value, attention_mask, scaling, kwargs)
     original = (query, key, value)
     slopes = _slopes(module, query.shape[1])
     offset = torch.tensor(key.shape[2] - query.shape[2], device=query.device)
@@ -239,12 +324,9 @@ def flex_alibi_attention(
         groups = heads // key.shape[1]
         key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
     query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
-    with recompile_headroom():
-        try:
-            out = _compiled_flex()(query, key, value, score_mod, block_mask, scaling, enable_gqa)
-        except _compile_failures():
-            _flex_failed(kind)
-            return _sdpa_instead(module, *original, attention_mask, scaling, kwargs)
+    out = run_compiled_flex(kind, query, key, value, score_mod, block_mask, scaling, enable_gqa)
+    if out is None:
+        return _dense_instead(module, *original, attention_mask, scaling)
     return out.transpose(1, 2).contiguous(), None
 
 

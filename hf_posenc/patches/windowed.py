@@ -27,10 +27,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .._compat import recompile_headroom
 from ..errors import UnsupportedSchemeError
 from ..schemes.windowed import WindowedScheme
-from .attention import _repeat_kv, masked_softmax_attention
+from .attention import _repeat_kv, chunked_softmax_attention, masked_softmax_attention
 from .backends import BACKENDS, AttentionTerm
 from .context import DecoderPositions
 from .rotary import PosencRotaryEmbedding
@@ -101,15 +100,27 @@ class WindowedRotaryTerm(AttentionTerm):
         near, far = self.pairs(query, key, q_pos, k_pos)
         if backend == "flex_attention" and query.shape[2] > 1:  # one query (a decode step) is O(kv) densely
             return self._flex(module, near, far, value, attention_mask, (q_pos, k_pos), scaling, dropout)
-        inside = (q_pos[:, :, None] - k_pos[:, None, :]) < self.scheme.window_size  # (B, q, kv)
-        return self._dense(module, near, far, value, attention_mask, inside, scaling, dropout)
+        return self._dense(module, near, far, value, attention_mask, (q_pos, k_pos), scaling, dropout)
 
-    def _dense(self, module, near, far, value, attention_mask, inside, scaling, dropout):
+    def _dense(self, module, near, far, value, attention_mask, positions, scaling, dropout, *, chunked=False):
+        """Both score matrices materialised and merged by the window; ``chunked``: over query chunks
+        (memory O(chunk x kv); no attention probabilities returned)."""
+        q_pos, k_pos = positions
         groups = near[0].shape[1] // near[1].shape[1]
         value = _repeat_kv(value, groups)
-        scores = [torch.matmul(q, _repeat_kv(k, groups).transpose(2, 3)) * scaling for q, k in (near, far)]
-        scores = torch.where(inside[:, None], scores[0], scores[1])
-        return masked_softmax_attention(module, scores, value, attention_mask, dropout)
+        keys = [_repeat_kv(k, groups).transpose(2, 3) for k in (near[1], far[1])]
+
+        def scores_for(rows: slice) -> torch.Tensor:
+            inside = (q_pos[:, rows, None] - k_pos[:, None, :]) < self.scheme.window_size  # (B, rows, kv)
+            near_scores, far_scores = (
+                torch.matmul(q[:, :, rows], k) * scaling for q, k in zip((near[0], far[0]), keys, strict=True)
+            )
+            return torch.where(inside[:, None], near_scores, far_scores)
+
+        q_len = near[0].shape[2]
+        if chunked:
+            return chunked_softmax_attention(module, scores_for, value, attention_mask, q_len, dropout)
+        return masked_softmax_attention(module, scores_for(slice(0, q_len)), value, attention_mask, dropout)
 
     def _flex(self, module, near, far, value, attention_mask, positions, scaling, dropout):
         """One flex pass over the keys twice: channels ``[near | far]`` in the queries, keys
@@ -118,16 +129,13 @@ class WindowedRotaryTerm(AttentionTerm):
         mask skips the blocks a copy never scores)."""
         from torch.nn.attention.flex_attention import BlockMask
 
-        from .attention import _FLEX_FAILED, _compile_failures, _compiled_flex, _flex_failed
+        from .attention import run_compiled_flex
 
         if dropout > 0:
             raise ValueError("flex attention has no attention dropout: call eval(), or use eager or sdpa.")
         q_pos, k_pos = positions
         window = self.scheme.window_size
         kind = (near[0].device.type, f"{self.scheme.name} ({type(attention_mask).__name__})")
-        if kind in _FLEX_FAILED:
-            inside = (q_pos[:, :, None] - k_pos[:, None, :]) < window
-            return self._dense(module, near, far, value, attention_mask, inside, scaling, dropout)
         block_mask = attention_mask if isinstance(attention_mask, BlockMask) else None
         dense_mask = None if block_mask is not None or attention_mask is None else attention_mask
         if dense_mask is not None and dense_mask.dtype == torch.bool:
@@ -161,15 +169,11 @@ class WindowedRotaryTerm(AttentionTerm):
             return torch.where(keep, score, -float("inf"))
 
         doubled = _window_block_mask(block_mask, positions, window, kv_len, offset)
-        try:
-            with recompile_headroom():
-                out = _compiled_flex()(
-                    query, key.contiguous(), value2.contiguous(), score_mod, doubled, scaling, enable_gqa
-                )
-        except _compile_failures():
-            _flex_failed(kind)
-            inside = (q_pos[:, :, None] - k_pos[:, None, :]) < window
-            return self._dense(module, near, far, value, attention_mask, inside, scaling, dropout)
+        out = run_compiled_flex(
+            kind, query, key.contiguous(), value2.contiguous(), score_mod, doubled, scaling, enable_gqa
+        )
+        if out is None:
+            return self._dense(module, near, far, value, attention_mask, positions, scaling, dropout, chunked=True)
         return out.transpose(1, 2).contiguous(), None
 
 

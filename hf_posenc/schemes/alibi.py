@@ -28,14 +28,16 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return slopes
 
 
-def alibi_bias(slopes: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:
-    """Dense ``(H, q_len, kv_len)`` bias ``-slope * (q_pos - k_pos)``; queries are the last ``q_len`` keys.
+def alibi_bias(slopes: torch.Tensor, q_len: int, kv_len: int, rows: slice | None = None) -> torch.Tensor:
+    """Dense ``(H, q_len, kv_len)`` bias ``-slope * (q_pos - k_pos)``; queries are the last ``q_len`` keys
+    (only the query ``rows`` of them when given).
 
     Only the index difference matters: left padding and a cache offset shift query and key positions
     alike, so this equals ALiBi on position ids. Used by the eager and sdpa paths; flex attention
     computes the same value per score without materialising it.
     """
     q_pos = torch.arange(kv_len - q_len, kv_len, device=slopes.device)
+    q_pos = q_pos if rows is None else q_pos[rows]
     k_pos = torch.arange(kv_len, device=slopes.device)
     distance = (k_pos[None, :] - q_pos[:, None]).to(torch.float32)
     return slopes.float()[:, None, None] * distance[None]
