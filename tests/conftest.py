@@ -115,3 +115,23 @@ def fake_flash(monkeypatch):
     fake = flash_reference.module()
     monkeypatch.setitem(sys.modules, "flash_attn", fake)
     return fake
+
+
+def failing_compile():
+    """A stand-in for a compiled flex function whose compile fails (torch 2.13's CPU dynamic-shape bug)."""
+
+    def fail(*args, **kwargs):
+        raise torch._dynamo.exc.BackendCompilerFailed(lambda *a: None, RuntimeError("C++ compile error"), None)
+
+    return fail
+
+
+@pytest.fixture
+def flex_compile_fails(monkeypatch):
+    """hf_posenc's dynamic-shape flex compile fails for the test's duration (no kind failed before it);
+    returns the attention module, whose ``_static_flex`` the test may replace too."""
+    from hf_posenc.patches import attention
+
+    monkeypatch.setattr(attention, "_compiled_flex", failing_compile)
+    monkeypatch.setattr(attention, "_FLEX_FAILED", set())
+    return attention

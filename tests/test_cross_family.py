@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import max_diff, tiny_model, tokens
+from conftest import failing_compile, max_diff, tiny_model, tokens
 from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
 import hf_posenc
@@ -143,21 +143,12 @@ def test_flex_alibi_does_not_recompile_per_length():
     assert counters["stats"]["unique_graphs"] - before <= 6
 
 
-def test_flex_compile_failure_runs_densely_over_query_chunks_with_the_same_numbers(monkeypatch):
+def test_flex_compile_failure_runs_densely_over_query_chunks_with_the_same_numbers(monkeypatch, flex_compile_fails):
     """torch 2.13's CPU flex template mis-generates C++ for some dynamic-shape masks; such a call kind
     then runs densely over query chunks (the model's BlockMask evaluated chunk by chunk, so memory stays
     O(chunk x L) at 16k) with a warning, instead of crashing; the numbers are sdpa's."""
-    from hf_posenc.patches import attention
-
-    def broken():
-        def fail(*args, **kwargs):
-            raise torch._dynamo.exc.BackendCompilerFailed(lambda *a: None, RuntimeError("C++ compile error"), None)
-
-        return fail
-
-    monkeypatch.setattr(attention, "_compiled_flex", broken)
-    monkeypatch.setattr(attention, "_static_flex", broken)  # the per-shape retry of long calls fails too
-    monkeypatch.setattr(attention, "_FLEX_FAILED", set())
+    attention = flex_compile_fails
+    monkeypatch.setattr(attention, "_static_flex", failing_compile)  # the per-shape retry of long calls fails too
     monkeypatch.setattr(attention, "DENSE_CHUNK_ELEMENTS", 7 * 50)  # 7 query rows per chunk: 8 chunks
     rows = [tokens(1, 50, seed=11)[0], tokens(1, 33, seed=12)[0]]
     from properties import left_pad, logits

@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import WINDOWED_SCHEMES, max_diff
+from conftest import WINDOWED_SCHEMES, failing_compile, max_diff
 from properties import logits
 from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
@@ -195,20 +195,11 @@ def test_flex_runs_its_kernel_with_the_models_block_mask(monkeypatch, scheme):
 
 
 @pytest.mark.parametrize("scheme", ["self_extend", "rerope"])
-def test_flex_compile_failure_runs_densely_over_query_chunks(monkeypatch, scheme):
+def test_flex_compile_failure_runs_densely_over_query_chunks(monkeypatch, flex_compile_fails, scheme):
     """When flex fails to compile (torch 2.13's CPU dynamic-shape bug), the call runs densely over query
     chunks, so a 16k prompt stays O(chunk x L) in memory: left-padded, several chunks, eager's numbers."""
-    from hf_posenc.patches import attention
-
-    def broken():
-        def fail(*args, **kwargs):
-            raise torch._dynamo.exc.BackendCompilerFailed(lambda *a: None, RuntimeError("C++ compile error"), None)
-
-        return fail
-
-    monkeypatch.setattr(attention, "_compiled_flex", broken)
-    monkeypatch.setattr(attention, "_static_flex", broken)  # the per-shape retry of long calls fails too
-    monkeypatch.setattr(attention, "_FLEX_FAILED", set())
+    attention = flex_compile_fails
+    monkeypatch.setattr(attention, "_static_flex", failing_compile)  # the per-shape retry of long calls fails too
     monkeypatch.setattr(attention, "DENSE_CHUNK_ELEMENTS", 13 * 70)  # 13 query rows per chunk
     params = {"window_size": 12, **({"group_size": 4} if scheme == "self_extend" else {})}
     from properties import left_pad
@@ -227,18 +218,11 @@ def test_flex_compile_failure_runs_densely_over_query_chunks(monkeypatch, scheme
     assert max_diff(out["eager"][real], out["flex_attention"][real]) <= 1e-5
 
 
-def test_long_calls_retry_a_failed_dynamic_compile_one_shape_at_a_time(monkeypatch):
+def test_long_calls_retry_a_failed_dynamic_compile_one_shape_at_a_time(monkeypatch, flex_compile_fails):
     """After the dynamic-shape compile failed (torch 2.13 on CPU), a long call (past the dense chunk
     budget, where the dense path is slow) is compiled for its own shape and still runs flex; a short
     one goes dense. Both give eager's numbers."""
-    from hf_posenc.patches import attention
-
-    def broken():
-        def fail(*args, **kwargs):
-            raise torch._dynamo.exc.BackendCompilerFailed(lambda *a: None, RuntimeError("C++ compile error"), None)
-
-        return fail
-
+    attention = flex_compile_fails
     static_calls = []
     compiled = attention._static_flex()
 
@@ -250,9 +234,7 @@ def test_long_calls_retry_a_failed_dynamic_compile_one_shape_at_a_time(monkeypat
         return run
 
     torch._dynamo.reset()
-    monkeypatch.setattr(attention, "_compiled_flex", broken)
     monkeypatch.setattr(attention, "_static_flex", counted)
-    monkeypatch.setattr(attention, "_FLEX_FAILED", set())
     monkeypatch.setattr(attention, "DENSE_CHUNK_ELEMENTS", 20_000)
     out = {}
     for length in (40, 150):  # 40 queries x 2 x 128 doubled keys: short; 150 x 2 x 256: long
