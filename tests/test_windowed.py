@@ -249,6 +249,37 @@ def test_long_calls_retry_a_failed_dynamic_compile_one_shape_at_a_time(monkeypat
     assert static_calls and set(static_calls) == {150}, static_calls
 
 
+@pytest.mark.parametrize(
+    ("scheme", "params"), [("self_extend", {"group_size": 4, "window_size": 12}), ("alibi", {})], ids=str
+)
+def test_short_calls_of_a_failed_kind_go_dense_before_building_flex_inputs(
+    monkeypatch, flex_compile_fails, scheme, params
+):
+    """Once a kind's dynamic-shape compile failed, its short calls go dense at once: only the first
+    layer's call (the one that failed) reaches the flex entry, the other layers never build the flex
+    inputs (doubled keys, block mask, contiguous copies). Eager's numbers all the same."""
+    attention = flex_compile_fails
+    entered = []
+    run = attention.run_compiled_flex
+
+    def counted(kind, query, *args):
+        entered.append(kind)
+        return run(kind, query, *args)
+
+    monkeypatch.setattr(attention, "run_compiled_flex", counted)
+    ids = torch.randint(2, 90, (1, 40))
+    out = {}
+    for backend in ("eager", "flex_attention"):
+        model = build("llama")
+        hf_posenc.patch(model, scheme, attn_implementation=backend, **params)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", hf_posenc.PosencWarning)
+            out[backend] = logits(model, ids)
+    assert model.config.num_hidden_layers > 1
+    assert len(entered) == 1 and entered[0] in attention._FLEX_FAILED, entered
+    assert max_diff(out["eager"], out["flex_attention"]) <= 1e-5
+
+
 def test_mask_rows_evaluates_a_block_mask_on_the_given_rows_only():
     """The dense fallbacks evaluate the model's BlockMask chunk by chunk: each chunk's rows equal the
     same rows of the whole mask (a row offset lost would give the first rows' mask again)."""

@@ -70,6 +70,27 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
+def _alibi_scores_for(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None
+) -> tuple[Callable[[slice], torch.Tensor], torch.Tensor]:
+    """``scores_for(rows)``: the scaled (B, H, rows, kv) scores of those query rows plus the ALiBi bias
+    of ``module`` (none without an ALiBi term), and the values repeated to the query heads."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    q_len, kv_len = query.shape[2], key.shape[2]
+    slopes = _slopes(module, query.shape[1])
+    key_t = key.transpose(2, 3)
+
+    def scores_for(rows: slice) -> torch.Tensor:
+        scores = torch.matmul(query[:, :, rows], key_t) * scaling
+        if slopes is not None:
+            scores = scores + alibi_bias(slopes, q_len, kv_len, rows=rows).to(scores.dtype)[None]
+        return scores
+
+    return scores_for, value
+
+
 def eager_alibi_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -80,15 +101,8 @@ def eager_alibi_attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    groups = query.shape[1] // key.shape[1]
-    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    q_len, kv_len = query.shape[2], key.shape[2]
-    slopes = _slopes(module, query.shape[1])
-    if slopes is not None:
-        scores = scores + alibi_bias(slopes, q_len, kv_len).to(scores.dtype)[None]
-    return masked_softmax_attention(module, scores, value, attention_mask, dropout)
+    scores_for, value = _alibi_scores_for(module, query, key, value, scaling)
+    return masked_softmax_attention(module, scores_for(slice(0, query.shape[2])), value, attention_mask, dropout)
 
 
 def masked_softmax_attention(
@@ -217,6 +231,14 @@ def _static_flex():
 _FLEX_FAILED: set[tuple[str, str]] = set()  # (device type, what failed)
 
 
+def flex_goes_dense(kind: tuple[str, str], q_len: int, kv_len: int) -> bool:
+    """Whether a flex call of ``kind`` with these lengths runs densely at once: its dynamic-shape compile
+    failed in this process and the call is short (at most :data:`DENSE_CHUNK_ELEMENTS` scores per head,
+    where a per-shape compile costs more than the dense path). Callers check it before building their
+    flex inputs; :func:`run_compiled_flex` returns None for the same calls."""
+    return kind in _FLEX_FAILED and q_len * kv_len <= DENSE_CHUNK_ELEMENTS
+
+
 def run_compiled_flex(kind: tuple[str, str], query, key, value, score_mod, block_mask, scale, enable_gqa):
     """Compiled flex attention for a call of ``kind`` (device type, mask kind), or None: the caller then
     runs its dense path over query chunks (same numbers, slower).
@@ -231,7 +253,7 @@ def run_compiled_flex(kind: tuple[str, str], query, key, value, score_mod, block
                 return _compiled_flex()(*args)
             except _compile_failures():
                 _flex_failed(kind)
-        if query.shape[2] * key.shape[2] <= DENSE_CHUNK_ELEMENTS:
+        if flex_goes_dense(kind, query.shape[2], key.shape[2]):
             return None
         try:
             return _static_flex()(*args)
@@ -268,20 +290,8 @@ def _flex_failed(kind: tuple[str, str]) -> None:
 def _dense_instead(module, query, key, value, attention_mask, scaling) -> tuple[torch.Tensor, None]:
     """The same attention computed densely over query chunks (memory O(chunk x kv); a BlockMask is
     evaluated chunk by chunk): the fallback when flex attention fails to compile."""
-    groups = query.shape[1] // key.shape[1]
-    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    q_len, kv_len = query.shape[2], key.shape[2]
-    slopes = _slopes(module, query.shape[1])
-    key_t = key.transpose(2, 3)
-
-    def scores_for(rows: slice) -> torch.Tensor:
-        scores = torch.matmul(query[:, :, rows], key_t) * scaling
-        if slopes is not None:
-            scores = scores + alibi_bias(slopes, q_len, kv_len, rows=rows).to(scores.dtype)[None]
-        return scores
-
-    return chunked_softmax_attention(module, scores_for, value, attention_mask, q_len)
+    scores_for, value = _alibi_scores_for(module, query, key, value, scaling)
+    return chunked_softmax_attention(module, scores_for, value, attention_mask, query.shape[2])
 
 
 def flex_alibi_attention(
@@ -305,6 +315,8 @@ def flex_alibi_attention(
     dense_mask = None if block_mask is not None or attention_mask is None else attention_mask
     mask_kind = "block" if block_mask is not None else "dense" if dense_mask is not None else "no"
     kind = (query.device.type, f"{mask_kind} masks")
+    if flex_goes_dense(kind, query.shape[2], key.shape[2]):
+        return _dense_instead(module, query, key, value, attention_mask, scaling)
     original = (query, key, value)
     slopes = _slopes(module, query.shape[1])
     offset = torch.tensor(key.shape[2] - query.shape[2], device=query.device)

@@ -129,7 +129,7 @@ class WindowedRotaryTerm(AttentionTerm):
         mask skips the blocks a copy never scores)."""
         from torch.nn.attention.flex_attention import BlockMask
 
-        from .attention import run_compiled_flex
+        from .attention import flex_goes_dense, run_compiled_flex
 
         if dropout > 0:
             raise ValueError("flex attention has no attention dropout: call eval(), or use eager or sdpa.")
@@ -137,15 +137,17 @@ class WindowedRotaryTerm(AttentionTerm):
         window = self.scheme.window_size
         kind = (near[0].device.type, f"{self.scheme.name} ({type(attention_mask).__name__})")
         block_mask = attention_mask if isinstance(attention_mask, BlockMask) else None
-        dense_mask = None if block_mask is not None or attention_mask is None else attention_mask
-        if dense_mask is not None and dense_mask.dtype == torch.bool:
-            dense_mask = torch.zeros(dense_mask.shape, device=dense_mask.device).masked_fill(~dense_mask, float("-inf"))
         (q_near, k_near), (q_far, k_far) = near, far
         heads, q_len = q_near.shape[1], q_near.shape[2]
         kv_len = k_near.shape[2]
         # the second copy starts on a block boundary, so the model's block mask is reused block for block
         kv_block = block_mask.BLOCK_SIZE[1] if block_mask is not None else 128
         offset = -(-kv_len // kv_block) * kv_block
+        if flex_goes_dense(kind, q_len, 2 * offset):  # before building the doubled keys it would not use
+            return self._dense(module, near, far, value, attention_mask, positions, scaling, dropout, chunked=True)
+        dense_mask = None if block_mask is not None or attention_mask is None else attention_mask
+        if dense_mask is not None and dense_mask.dtype == torch.bool:
+            dense_mask = torch.zeros(dense_mask.shape, device=dense_mask.device).masked_fill(~dense_mask, float("-inf"))
         query = torch.cat((q_near, q_far), dim=-1).contiguous()
         key = torch.cat((_padded(k_near, offset, left=True), _padded(k_far, offset, left=False)), dim=2)
         value2 = torch.cat((_padded(value, offset), _padded(value, offset)), dim=2)
