@@ -194,6 +194,19 @@ def test_flex_runs_its_kernel_with_the_models_block_mask(monkeypatch, scheme):
     assert max_diff(out["eager"][real], out["flex_attention"][real]) <= 1e-5
 
 
+def eager_and_flex_logits(scheme: str, params: dict, ids: torch.Tensor, **inputs) -> dict[str, torch.Tensor]:
+    """Logits of the tiny LLaMA patched with ``scheme`` on eager and on flex attention (hf_posenc's
+    fallback warnings silenced), keyed by backend."""
+    out = {}
+    for backend in ("eager", "flex_attention"):
+        model = build("llama")
+        hf_posenc.patch(model, scheme, attn_implementation=backend, **params)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", hf_posenc.PosencWarning)
+            out[backend] = logits(model, ids, **inputs)
+    return out
+
+
 @pytest.mark.parametrize("scheme", ["self_extend", "rerope"])
 def test_flex_compile_failure_runs_densely_over_query_chunks(monkeypatch, flex_compile_fails, scheme):
     """When flex fails to compile (torch 2.13's CPU dynamic-shape bug), the call runs densely over query
@@ -206,13 +219,7 @@ def test_flex_compile_failure_runs_densely_over_query_chunks(monkeypatch, flex_c
 
     ids, mask = left_pad([torch.randint(2, 90, (70,)), torch.randint(2, 90, (51,))])
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = {}
-    for backend in ("eager", "flex_attention"):
-        model = build("llama")
-        hf_posenc.patch(model, scheme, attn_implementation=backend, **params)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", hf_posenc.PosencWarning)
-            out[backend] = logits(model, ids, attention_mask=mask, position_ids=positions)
+    out = eager_and_flex_logits(scheme, params, ids, attention_mask=mask, position_ids=positions)
     assert attention._FLEX_FAILED
     real = mask.bool()
     assert max_diff(out["eager"][real], out["flex_attention"][real]) <= 1e-5
@@ -236,15 +243,9 @@ def test_long_calls_retry_a_failed_dynamic_compile_one_shape_at_a_time(monkeypat
     torch._dynamo.reset()
     monkeypatch.setattr(attention, "_static_flex", counted)
     monkeypatch.setattr(attention, "DENSE_CHUNK_ELEMENTS", 20_000)
-    out = {}
     for length in (40, 150):  # 40 queries x 2 x 128 doubled keys: short; 150 x 2 x 256: long
         ids = torch.randint(2, 90, (1, length))
-        for backend in ("eager", "flex_attention"):
-            model = build("llama")
-            hf_posenc.patch(model, "self_extend", attn_implementation=backend, group_size=4, window_size=12)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", hf_posenc.PosencWarning)
-                out[backend] = logits(model, ids)
+        out = eager_and_flex_logits("self_extend", {"group_size": 4, "window_size": 12}, ids)
         assert max_diff(out["eager"], out["flex_attention"]) <= 1e-5
     assert static_calls and set(static_calls) == {150}, static_calls
 
@@ -268,14 +269,8 @@ def test_short_calls_of_a_failed_kind_go_dense_before_building_flex_inputs(
 
     monkeypatch.setattr(attention, "run_compiled_flex", counted)
     ids = torch.randint(2, 90, (1, 40))
-    out = {}
-    for backend in ("eager", "flex_attention"):
-        model = build("llama")
-        hf_posenc.patch(model, scheme, attn_implementation=backend, **params)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", hf_posenc.PosencWarning)
-            out[backend] = logits(model, ids)
-    assert model.config.num_hidden_layers > 1
+    out = eager_and_flex_logits(scheme, params, ids)
+    assert build("llama").config.num_hidden_layers > 1
     assert len(entered) == 1 and entered[0] in attention._FLEX_FAILED, entered
     assert max_diff(out["eager"], out["flex_attention"]) <= 1e-5
 
