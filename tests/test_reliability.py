@@ -262,6 +262,22 @@ def test_unpatch_after_a_dtype_change_restores_modules_in_the_current_dtype(arch
     assert max_diff(logits(model, x), logits(reference, x)) <= 1e-12
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_a_model_cast_to_bfloat16_before_patching_is_recognised(arch):
+    """``model.to(torch.bfloat16)`` also rounds the rotary module's inv_freq buffer; the probe compares like
+    with like and patches (it refused before), the patched model keeps the model's scheme, unpatch restores it."""
+    model = tiny_model(arch).to(torch.bfloat16)
+    x = tokens(2, 48)
+    before = logits(model, x).float()
+    hf_posenc.patch(model, "rope")  # the model's own scheme, recomputed by hf_posenc (fp32 frequencies)
+    same = logits(model, x).float()
+    assert max_diff(same, before) <= 0.05 * before.abs().max().item()
+    hf_posenc.unpatch(model)
+    assert torch.equal(logits(model, x).float(), before)
+    hf_posenc.patch(model, "yarn", factor=2.0)
+    assert max_diff(logits(model, x).float(), before) > 0
+
+
 def test_a_patch_does_not_change_another_model_sharing_the_config():
     config = tiny_config("llama")
     torch.manual_seed(0)

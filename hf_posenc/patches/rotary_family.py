@@ -174,6 +174,11 @@ class RotaryFamilyAdapter(ArchitectureAdapter):
         native = scheme_from_rope_parameters(params)  # refuses rope types and keys hf_posenc does not model
         buffers = [b for b in original.buffers() if b.device.type != "meta"]
         device = buffers[0].device if buffers else None
+        # A model cast after it was built (``model.to(torch.bfloat16)``) carries a rounded inv_freq: its tables are
+        # compared with ours computed from frequencies rounded the same way (the patched module keeps fp32 ones).
+        rounded = next(
+            (b.dtype for n, b in original.named_buffers() if n.endswith("inv_freq") and b.dtype.itemsize < 4), None
+        )
         length = min(PROBE_POSITIONS, getattr(config, "max_position_embeddings", None) or PROBE_POSITIONS)
         positions = torch.arange(length, device=device)[None]
         x = torch.zeros(1, 1, 1, device=device)
@@ -208,6 +213,8 @@ class RotaryFamilyAdapter(ArchitectureAdapter):
                 try:
                     resolved = native.resolve(info)
                     mine = PosencRotaryEmbedding(resolved, dim, device, rotary_dim=rotary_dim, layout=layout)
+                    if rounded is not None:
+                        mine.inv_freq = mine.inv_freq.to(rounded).float()
                     my_cos, my_sin = mine(x, positions)
                 except (PosencError, RuntimeError, ValueError):
                     continue
