@@ -367,16 +367,18 @@ def findings(results: dict) -> list[dict]:
         {f"unpatched ppl@{short}": base_short, **{f"{n} ppl@{short}": p for n, p in ppls.items()}},
     )
     gap = f["retrieval_margin"]
-    numbers, held = {}, True
+    run_tasks = {r["name"]: r.get("tasks") or cfg["eval"]["tasks"] for r in cfg["runs"]}
+    numbers, verdicts = {}, []
     for task in RETRIEVAL:
         before = acc_at(base, task, short)
         numbers[f"unpatched {task}@{short}"] = before
         for name, e in trained.items():
-            if e is not None and task not in e:
+            if task not in run_tasks[name]:
                 continue  # a run evaluated on perplexity only (the ablation)
             after = acc_at(e, task, short)
             numbers[f"{name} {task}@{short}"] = after
-            held = None if held is None or not known(before, after) else held and after >= before - gap
+            verdicts.append(after >= before - gap if known(before, after) else None)
+    held = None if not verdicts or None in verdicts else all(verdicts)  # nothing compared is not a pass
     add(f"nor does retrieval at {short}: passkey and needle no lower than the unpatched model's - {gap}", held, numbers)
     if f.get("ablation_run"):
         a, b = f["ablation_run"], f["ablation_of"]

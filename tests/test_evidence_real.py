@@ -136,6 +136,24 @@ def test_a_partial_run_reports_what_is_pending(twin, tmp_path):
     assert "| linear2-pose | linear:factor=2 | lora r=8 | True / True | 96 | 768 | 6 | \u2014 |" in readme
 
 
+def test_retrieval_not_measured_is_not_a_pass(twin):
+    """Perplexity in, retrieval pending: the retrieval finding at the short length says "not measured yet"."""
+    er = experiment()
+    claim = "nor does retrieval"
+    pending = copy.deepcopy(twin[1])
+    for entry in [*pending["zero_shot"].values(), *(run["eval"] for run in pending["runs"].values())]:
+        for task in ("passkey", "needle"):
+            entry.pop(task, None)
+    found = next(f for f in er.findings(pending) if f["claim"].startswith(claim))
+    assert found["held"] is None and found["text"].startswith("**not measured yet**")
+    only_runs = copy.deepcopy(twin[1])  # the unpatched model measured, the fine-tuned ones not yet
+    for run in only_runs["runs"].values():
+        for task in ("passkey", "needle"):
+            run["eval"].pop(task, None)
+    assert next(f["held"] for f in er.findings(only_runs) if f["claim"].startswith(claim)) is None
+    assert next(f["held"] for f in er.findings(twin[1]) if f["claim"].startswith(claim)) in (True, False)
+
+
 def test_rerun_reuses_every_stage(twin, capsys):
     out, results, _ = twin
     metrics = {name: (out / "runs" / name / "metrics.jsonl").stat().st_mtime_ns for name in RUNS}
