@@ -126,8 +126,9 @@ def prepare_model(cfg: TrainConfig, model):
     import hf_posenc
 
     if cfg.gradient_checkpointing:
+        # training forwards pass use_cache=False themselves; the config keeps use_cache, which the saved
+        # model carries (a saved False would make every generate() recompute the whole prefix per token)
         enable_activation_checkpointing(model)
-        model.config.use_cache = False
     if cfg.method == "lora":
         from peft import LoraConfig, get_peft_model
 
