@@ -49,6 +49,8 @@ WINDOWED_SCHEMES = [
     ("self_extend", {"group_size": 3, "window_size": 8, "rope": {"scheme": "yarn", "factor": 2.0}}),
     ("rerope", {"window_size": 16}),
     ("rerope", {"window_size": 16, "leak": 4.0}),
+    # a length-dependent scheme underneath: frequencies from the sequence length, the cache refreshed exactly
+    ("self_extend", {"group_size": 4, "window_size": 16, "rope": {"scheme": "dynamic_ntk", **DYNAMIC}}),
 ]
 
 

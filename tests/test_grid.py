@@ -115,7 +115,8 @@ def test_cache_decode_equals_fresh_forward(arch, scheme, params, backend):
 def test_left_padding_equals_unpadded(arch, scheme, params, backend):
     model = patched_model(arch, scheme, params, backend)
     # past the original context; a length-dependent scheme's rows stay inside it (one scale for the batch)
-    lengths = (50, 33) if scheme in LENGTH_DEPENDENT else (90, 57)
+    length_dependent = scheme in LENGTH_DEPENDENT or (params.get("rope") or {}).get("scheme") in LENGTH_DEPENDENT
+    lengths = (50, 33) if length_dependent else (90, 57)
     rows = [tokens(1, n, seed=11 + i)[0] for i, n in enumerate(lengths)]
     check_left_padding(model, rows, positions=arch != "bloom")
 

@@ -21,6 +21,7 @@ import hf_posenc
 from hf_posenc.families import tiny_rotary_config
 
 LAYOUT = {"llama": "cat", "mistral": "cat", "stablelm": "cat", "cohere": "interleave"}
+NATIVE_TYPE = {"dynamic_ntk": "dynamic"}  # hf_posenc's scheme name -> transformers' rope_type
 LENGTH = 90
 
 
@@ -86,6 +87,30 @@ def build(model_type: str, **overrides):
     ("scheme", "params"), WINDOWED_SCHEMES, ids=[f"{s}-{i}" for i, (s, _) in enumerate(WINDOWED_SCHEMES)]
 )
 def test_windowed_scheme_equals_the_papers_formula(model_type, scheme, params):
+    check_papers_formula(model_type, scheme, params)
+
+
+LONGROPE = {  # LENGTH is past the original 64 positions: the long factors and LongRoPE's attention scaling
+    "scheme": "longrope",
+    "short_factor": [1.0 + i / 8 for i in range(8)],
+    "long_factor": [2.0 + i / 4 for i in range(8)],
+    "original_max_position_embeddings": 64,
+    "factor": 2.0,
+}
+
+
+@pytest.mark.parametrize(
+    ("scheme", "params"),
+    [
+        ("rerope", {"window_size": 16, "rope": LONGROPE}),
+        ("self_extend", {"group_size": 3, "window_size": 8, "rope": LONGROPE}),
+    ],
+)
+def test_windowed_over_longrope_equals_the_papers_formula(scheme, params):
+    check_papers_formula("llama", scheme, params)
+
+
+def check_papers_formula(model_type: str, scheme: str, params: dict) -> None:
     model = build(model_type)
     x = torch.randint(2, 90, (2, LENGTH), generator=torch.Generator().manual_seed(1))
     base = logits(model, x)
@@ -94,13 +119,17 @@ def test_windowed_scheme_equals_the_papers_formula(model_type, scheme, params):
     source = model
     if rope is not None:
         native = {
-            "rope_type": rope["scheme"],
-            "factor": rope["factor"],
+            "rope_type": NATIVE_TYPE.get(rope["scheme"], rope["scheme"]),
             "rope_theta": model.config.rope_parameters["rope_theta"],
+            **{k: v for k, v in rope.items() if k != "scheme"},
         }
         native |= {k: v for k, v in model.config.rope_parameters.items() if k == "partial_rotary_factor"}
         source = build(model_type, rope_parameters=native)
-    inv_freq, scale = source.model.rotary_emb.inv_freq.float(), float(source.model.rotary_emb.attention_scaling)
+    rotary = source.model.rotary_emb
+    rotary(torch.zeros(()), torch.arange(LENGTH)[None])  # a length-dependent type picks this length's frequencies
+    inv_freq, scale = rotary.inv_freq.float(), float(rotary.attention_scaling)
+    if rope is not None:  # the scheme underneath changes the frequencies at this length
+        assert not torch.equal(inv_freq, model.model.rotary_emb.inv_freq.float())
     distance = torch.tensor([[paper_distance(scheme, params, i, j) for j in range(LENGTH)] for i in range(LENGTH)])
 
     hf_posenc.patch(model, scheme, **params)
@@ -139,7 +168,7 @@ def test_windowed_save_reloads_with_hf_posenc_only(tmp_path, scheme, params):
     [
         ({"group_size": 8, "window_size": 4}, "window_size must be an integer >= group_size"),
         ({"group_size": 0, "window_size": 4}, "group_size must be an integer >= 1"),
-        ({"group_size": 2, "window_size": 8, "rope": {"scheme": "dynamic_ntk", "factor": 2.0}}, "must be static"),
+        ({"group_size": 2, "window_size": 8, "rope": {"scheme": "dynamic_ntk", "factor": 0.5}}, "factor"),
         ({"group_size": 2, "window_size": 8, "rope": {"scheme": "alibi"}}, "rotary frequency scheme"),
         ({"group_size": 2, "window_size": 8, "rope": "yarn"}, "scheme spec"),
     ],

@@ -109,7 +109,12 @@ class PosencRotaryEmbedding(nn.Module):
         return inv_freq[: self.pairs], scaling
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None):
-        inv_freq, scaling = self.tables_for(position_ids)
+        return self.cos_sin(x, position_ids, *self.tables_for(position_ids))
+
+    def cos_sin(self, x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor, scaling: float):
+        """The tables at ``position_ids`` from the given frequencies (:meth:`tables_for` picks them from
+        the positions themselves; the windowed term rotates remapped positions with the frequencies of the
+        ordinary ones)."""
         device_type = x.device.type if x.device.type != "mps" else "cpu"
         with torch.autocast(device_type=device_type, enabled=False):
             freqs = position_ids[..., None].float() * inv_freq.to(device=x.device, dtype=torch.float)

@@ -288,8 +288,6 @@ class RotaryFamilyAdapter(ArchitectureAdapter):
         if isinstance(getattr(original, "layer_types", None), list | tuple):  # some decoders read it
             rotary.layer_types = original.layer_types
         handle.set_attr(decoder, "rotary_emb", rotary)
-        if needs_cache_refresh(scheme):
-            install_cache_refresh(decoder, scheme, handle)
         if scheme.kind == "alibi":
             attns = self.interface_attentions(decoder, model.config)
             add_alibi_slopes(attns, scheme, model.config.num_attention_heads, handle, device)
@@ -300,6 +298,8 @@ class RotaryFamilyAdapter(ArchitectureAdapter):
             term = WindowedRotaryTerm(scheme, primary.module(scheme.frequency_scheme(), device), context)
             for attn in self.interface_attentions(decoder, model.config):
                 add_attention_term(attn, term, handle)
+        if needs_cache_refresh(scheme):  # outermost: a re-encoding call passes through the position context
+            install_cache_refresh(decoder, scheme, handle)
         set_backend(model, handle, backend)
 
     @staticmethod

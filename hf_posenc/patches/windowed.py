@@ -80,15 +80,17 @@ class WindowedRotaryTerm(AttentionTerm):
         k_pos = q_pos[:, -1:] - (kv_len - 1) + torch.arange(kv_len, device=query.device)
         return q_pos, k_pos.clamp(min=0)
 
-    def rotated(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        cos, sin = self.rotary(torch.zeros((), device=x.device), positions)
+    def rotated(self, x: torch.Tensor, positions: torch.Tensor, tables: tuple[torch.Tensor, float]) -> torch.Tensor:
+        cos, sin = self.rotary.cos_sin(torch.zeros((), device=x.device), positions, *tables)
         return rotate(x, cos, sin, self.rotary.layout)
 
     def pairs(self, query, key, q_pos, k_pos):
-        """(query, key) rotated at the ordinary positions and at the scheme's far positions."""
+        """(query, key) rotated at the ordinary positions and at the scheme's far positions, both with the
+        frequencies of the ordinary ones (a length-dependent scheme's: from the sequence length)."""
+        tables = self.rotary.tables_for(q_pos)
         far_q, far_k = self.scheme.far_positions(q_pos, k_pos)
-        near = (self.rotated(query, q_pos.float()), self.rotated(key, k_pos.float()))
-        far = (self.rotated(query, far_q), self.rotated(key, far_k))
+        near = (self.rotated(query, q_pos.float(), tables), self.rotated(key, k_pos.float(), tables))
+        far = (self.rotated(query, far_q, tables), self.rotated(key, far_k, tables))
         return near, far
 
     # -- attention ------------------------------------------------------------------------------

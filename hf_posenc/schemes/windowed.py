@@ -5,9 +5,13 @@ and remapped positions beyond it (one softmax over both). The math is in :mod:`.
 - ``rerope`` (Su 2023): beyond the window every distance reads as W (query W, key 0); leaky
   (``leak=k``): ``W + (d - W) / k`` (query ``i / k + W - W / k``, key ``j / k``).
 
-Both run on top of any static frequency scheme (``rope=`` a scheme spec such as
-``{"scheme": "yarn", "factor": 2}``; default: the model's own RoPE). Neither exists in transformers'
-configs or in serving engines: a saved model reloads patched with ``hf_posenc.from_pretrained`` only.
+Both run on top of any rotary frequency scheme (``rope=`` a scheme spec such as
+``{"scheme": "yarn", "factor": 2}``; default: the model's own RoPE). A length-dependent one (dynamic NTK,
+LongRoPE) picks its frequencies from the sequence length (the largest ordinary position + 1), the same
+for the near and the far rotations, and with ``refresh="exact"`` (its default) cached decoding re-encodes
+the prefix when they change, as it does under the frequency scheme alone. Neither exists in
+transformers' configs or in serving engines: a saved model reloads patched with
+``hf_posenc.from_pretrained`` only.
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ class WindowedScheme(SchemeConfig):
     """Base of the windowed rotary schemes: ``window_size`` and the frequency scheme underneath."""
 
     kind: ClassVar[str] = "windowed"
-    length_dependent: ClassVar[bool] = False
     window_size: int
     #: the frequency scheme underneath, as a spec dict ({"scheme": "yarn", "factor": 2.0}); None: plain RoPE
     #: with the model's own parameters
@@ -41,7 +44,26 @@ class WindowedScheme(SchemeConfig):
             self.frequency_scheme()  # raises on a bad spec
 
     def frequency_scheme(self) -> RotaryScheme:
-        """The frequency scheme the rotations use (unresolved unless :meth:`resolve` ran)."""
+        """The frequency scheme the rotations use (unresolved unless :meth:`resolve` ran); built once."""
+        built = self.__dict__.get("_frequency_scheme")
+        if built is None:
+            built = self._build_frequency_scheme()
+            object.__setattr__(self, "_frequency_scheme", built)  # a cache, not a field: replace() drops it
+        return built
+
+    # the cache refresh and the rotary module ask these of the scheme; the frequency scheme answers
+    @property
+    def length_dependent(self) -> bool:
+        return self.frequency_scheme().length_dependent
+
+    @property
+    def refresh(self) -> str:
+        return getattr(self.frequency_scheme(), "refresh", "none")
+
+    def length_bucket(self, seq_len: int) -> int:
+        return self.frequency_scheme().length_bucket(seq_len)
+
+    def _build_frequency_scheme(self) -> RotaryScheme:
         if self.rope is None:
             return RoPEConfig()
         if not isinstance(self.rope, Mapping) or "scheme" not in self.rope:
@@ -52,12 +74,6 @@ class WindowedScheme(SchemeConfig):
         scheme = SchemeConfig.from_dict(self.rope)
         if not isinstance(scheme, RotaryScheme) or scheme.kind != "rotary":
             raise InvalidParameterError(f"{self.name}: rope must name a rotary frequency scheme, got {scheme.name!r}.")
-        if scheme.length_dependent:
-            raise InvalidParameterError(
-                f"{self.name}: the frequency scheme underneath must be static (rope, linear, ntk, yarn, llama3); "
-                f"{scheme.name!r} changes its frequencies with the sequence length, which the remapped positions "
-                "would not follow."
-            )
         return scheme
 
     def resolve(self, info: ModelInfo) -> WindowedScheme:
