@@ -291,6 +291,11 @@ def fmt_number(x: Any) -> str:
     return f"{x:.1e}" if x and abs(x) < 0.01 else f"{x:.2f}"
 
 
+def run_tasks(cfg: dict) -> dict[str, list[str]]:
+    """Each run's evaluation tasks: its own ``tasks``, else the config's ``eval.tasks``."""
+    return {r["name"]: list(r.get("tasks") or cfg["eval"]["tasks"]) for r in cfg["runs"]}
+
+
 def findings(results: dict) -> list[dict]:
     """The issue's expected shapes, each checked against the numbers: ``{"claim", "held", "numbers",
     "text"}``, ``held`` None when a number it needs is not measured yet."""
@@ -367,13 +372,13 @@ def findings(results: dict) -> list[dict]:
         {f"unpatched ppl@{short}": base_short, **{f"{n} ppl@{short}": p for n, p in ppls.items()}},
     )
     gap = f["retrieval_margin"]
-    run_tasks = {r["name"]: r.get("tasks") or cfg["eval"]["tasks"] for r in cfg["runs"]}
+    tasks = run_tasks(cfg)
     numbers, verdicts = {}, []
     for task in RETRIEVAL:
         before = acc_at(base, task, short)
         numbers[f"unpatched {task}@{short}"] = before
         for name, e in trained.items():
-            if task not in run_tasks[name]:
+            if task not in tasks[name]:
                 continue  # a run evaluated on perplexity only (the ablation)
             after = acc_at(e, task, short)
             numbers[f"{name} {task}@{short}"] = after
@@ -554,7 +559,7 @@ def _run(cfg: dict, out: Path, report: Path | None, progress: bool) -> dict:
     stages = out / "stages"
     journal = Journal(out / "journal.jsonl", resume=True)
     heldout = out / "data" / "heldout"
-    tasks = {r["name"]: list(r.get("tasks") or cfg["eval"]["tasks"]) for r in cfg["runs"]}
+    tasks = run_tasks(cfg)
     full = [name for name, t in tasks.items() if t != ["ppl"]]
     results: dict = {
         "command": cfg["command"],

@@ -291,7 +291,7 @@ def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path):
         train(cfg, progress=False)
         runs[gc] = [m["loss"] for m in metrics(tmp_path / gc)]
         saved = json.loads((tmp_path / gc / "final" / "config.json").read_text())
-        assert saved.get("use_cache", True) is True  # generate() on the saved model keeps its KV cache
+        assert saved.get("use_cache", True) is True  # the saved model's forward() returns a KV cache by default
     assert runs["true"] == pytest.approx(runs["false"], abs=1e-5)
 
 

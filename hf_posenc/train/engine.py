@@ -126,8 +126,8 @@ def prepare_model(cfg: TrainConfig, model):
     import hf_posenc
 
     if cfg.gradient_checkpointing:
-        # training forwards pass use_cache=False themselves; the config keeps use_cache, which the saved
-        # model carries (a saved False would make every generate() recompute the whole prefix per token)
+        # training forwards pass use_cache=False themselves; the config keeps use_cache as the model had it,
+        # so the saved model's forward() still returns a KV cache by default
         enable_activation_checkpointing(model)
     if cfg.method == "lora":
         from peft import LoraConfig, get_peft_model
