@@ -308,15 +308,50 @@ def test_gradient_accumulation_equals_a_larger_batch(tmp_path):
     assert runs["accum"] == pytest.approx(runs["big"], abs=1e-3)
 
 
-def test_parallel_tokenization_packs_the_same_blocks():
+def test_parallel_tokenization_packs_the_same_blocks(monkeypatch):
     from hf_posenc.eval.data import load_texts
     from hf_posenc.tiny import char_tokenizer
-    from hf_posenc.train.data import pack_blocks
+    from hf_posenc.train import data
 
     texts = load_texts("kjv")[:6]
-    one = pack_blocks(char_tokenizer(), texts, 128)
-    two = pack_blocks(char_tokenizer(), texts, 128, num_proc=2)
-    assert torch.equal(one, two) and (one == 1).sum() >= 5  # EOS (id 1) between documents
+
+    def pack(*args, **kwargs):
+        data._LAST_STREAM.clear()  # tokenized anew, not cut from the stream kept by the call before
+        return data.pack_blocks(char_tokenizer(), texts, *args, **kwargs)
+
+    one = pack(128)
+    assert torch.equal(one, pack(128, num_proc=2)) and (one == 1).sum() >= 5  # EOS (id 1) between documents
+    monkeypatch.setattr(data, "TOKENIZE_BATCH", 1)  # a document at a time: a cap inside the first stops there
+    for cap in (1000, 128 * 2000 + 7):  # the first blocks of the whole text, the cap inside the first or a later book
+        capped = pack(128, max_tokens=cap)
+        assert torch.equal(capped, one[: cap // 128]) and torch.equal(pack(128, num_proc=2, max_tokens=cap), capped)
+
+
+def test_the_last_token_stream_is_cut_again_not_tokenized_again(monkeypatch):
+    """A sweep's runs on one text tokenize it once; another tokenizer, text or cap tokenizes anew, and the
+    blocks handed out are copies (changing them leaves the kept stream as it was)."""
+    from hf_posenc.eval.data import load_texts
+    from hf_posenc.tiny import char_tokenizer
+    from hf_posenc.train import data
+
+    texts = load_texts("kjv")[:2]
+    tokenizer = char_tokenizer()
+    calls = []
+    real = type(tokenizer).__call__
+    monkeypatch.setattr(type(tokenizer), "__call__", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    data._LAST_STREAM.clear()
+    first = data.pack_blocks(tokenizer, texts, 128)
+    first[0].zero_()
+    assert len(calls) == 1
+    again = data.pack_blocks(tokenizer, texts, 64)  # another block size: the same stream, cut again
+    assert len(calls) == 1 and torch.equal(again.flatten()[:128], data.pack_blocks(tokenizer, texts, 128)[0])
+    assert not torch.equal(again[:2].flatten(), first[0])  # the zeroed copy did not reach the kept stream
+    for other in ((tokenizer, texts[:1], None), (tokenizer, texts, 5000), (char_tokenizer(), texts, None)):
+        if other[2] is None and other[0] is not tokenizer:  # the same definition: the same stream, rightly reused
+            other[0].add_tokens(["<newly added>"])
+        before = len(calls)
+        data.pack_blocks(other[0], other[1], 128, max_tokens=other[2])
+        assert len(calls) == before + 1, other[1:]
 
 
 def first_batch_loss(model, cfg) -> float:

@@ -1,17 +1,39 @@
-"""Training data: tokenize with ``datasets`` (multiprocessing), pack documents into fixed-length blocks
-(EOS between documents), hold out the last blocks for evaluation, and the PoSE position collator."""
+"""Training data: tokenize (across processes with ``datasets`` when asked), pack documents into fixed-length
+blocks (EOS between documents), hold out the last blocks for evaluation, and the PoSE position collator."""
 
 from __future__ import annotations
+
+import hashlib
 
 import torch
 
 from ..texts import load_texts
 
+#: documents tokenized per call in one process (the cap on tokens is checked between calls)
+TOKENIZE_BATCH = 8
+#: the last token stream packed, by what decides it (a sweep trains many runs on one text in one process)
+_LAST_STREAM: dict[str, torch.Tensor] = {}
+
+
+def stream_key(tokenizer, texts: list[str], max_tokens: int | None) -> str | None:
+    """A hash of what decides the token stream: the fast tokenizer's whole definition (vocabulary, merges,
+    normalizer, added tokens), its EOS id and special-token splitting, the texts and the cap; None for a
+    tokenizer without a ``backend_tokenizer`` (never cached)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    digest = hashlib.sha256(backend.to_str().encode())
+    settings = (type(tokenizer).__name__, tokenizer.eos_token_id, getattr(tokenizer, "split_special_tokens", None))
+    digest.update(repr((settings, max_tokens, len(texts))).encode())
+    for text in texts:
+        digest.update(hashlib.sha256(text.encode()).digest())
+    return digest.hexdigest()
+
 
 def pack_blocks(tokenizer, texts: list[str], block: int, *, num_proc: int = 1, max_tokens: int | None = None):
-    """``(N, block)`` token blocks: documents tokenized in parallel, joined with EOS, cut into blocks."""
-    from datasets import Dataset
-
+    """``(N, block)`` token blocks: documents tokenized (by ``num_proc`` processes through ``datasets``, or
+    here), joined with EOS, cut into blocks. The last stream is kept (:func:`stream_key`): the next call with
+    the same tokenizer, texts and cap only cuts it again."""
     eos = tokenizer.eos_token_id
     if max_tokens is not None:  # skip tokenizing text far past the cap (English: > 1 token per 8 chars)
         kept, chars = [], 0
@@ -22,20 +44,43 @@ def pack_blocks(tokenizer, texts: list[str], block: int, *, num_proc: int = 1, m
                 break
         texts = kept
 
+    key = stream_key(tokenizer, texts, max_tokens)
+    if key is not None and key in _LAST_STREAM:
+        return blocks_of(_LAST_STREAM[key], block)
+
     def tokenize(batch):
         ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
         return {"ids": [x + ([eos] if eos is not None else []) for x in ids]}
 
-    dataset = Dataset.from_dict({"text": texts}).map(
-        tokenize, batched=True, num_proc=num_proc if num_proc > 1 else None, remove_columns=["text"]
-    )
-    stream = [t for ids in dataset["ids"] for t in ids]
-    if max_tokens is not None:
-        stream = stream[:max_tokens]
+    if num_proc > 1:
+        from datasets import Dataset, Features, Sequence, Value
+
+        # the declared type spares datasets' type inference, which scans every token (datasets >= 5.2)
+        features = Features({"ids": Sequence(Value("int64"))})
+        documents = Dataset.from_dict({"text": texts}).map(
+            tokenize, batched=True, num_proc=num_proc, remove_columns=["text"], features=features
+        )["ids"]
+    else:  # here (datasets would only copy the tokens to Arrow and back), a few documents at a time up to the cap
+        documents, count = [], 0
+        for start in range(0, len(texts), TOKENIZE_BATCH):
+            batch = tokenize({"text": texts[start : start + TOKENIZE_BATCH]})["ids"]
+            documents += batch
+            count += sum(len(ids) for ids in batch)
+            if max_tokens is not None and count >= max_tokens:
+                break
+    stream = torch.tensor([t for ids in documents for t in ids][:max_tokens], dtype=torch.long)
+    if key is not None:
+        _LAST_STREAM.clear()
+        _LAST_STREAM[key] = stream
+    return blocks_of(stream, block)
+
+
+def blocks_of(stream: torch.Tensor, block: int) -> torch.Tensor:
+    """The stream cut into ``(N, block)`` blocks (a copy: the kept stream stays as it is)."""
     n = len(stream) // block
     if n == 0:
         raise ValueError(f"The data has {len(stream)} tokens: too few for one block of {block}.")
-    return torch.tensor(stream[: n * block], dtype=torch.long).view(n, block)
+    return stream[: n * block].view(n, block).clone()
 
 
 def train_val_blocks(tokenizer, source: str, seq_len: int, val_len: int, val_fraction: float, **kw):
