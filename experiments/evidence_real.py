@@ -13,8 +13,10 @@ c. fine-tuning: each run of ``runs`` through ``hf_posenc.train.train`` into ``OU
    (``save_merged: false``), then merged into ``OUT_DIR/runs/<name>/merged`` (``hf_posenc.from_pretrained``);
 d. perplexity of each merged model as saved; then the reload check: the adapter output loaded with
    ``hf_posenc.train.load_adapter_output`` scores the merged model's perplexity at the trained context;
-e. the whole grid (``eval.tasks``: passkey and needle at ``eval.depths`` x ``eval.trials``), zero-shot and
-   fine-tuned (a run's ``tasks`` may narrow it); the perplexities come back from the journal.
+e. the whole grid (``eval.tasks``: passkey and needle at ``eval.depths`` x ``eval.trials``), one retrieval
+   task at a time (stages ``zero_shot-passkey``, ``eval-passkey-<run>``, then ``...-all`` with every task),
+   zero-shot and fine-tuned (a run's ``tasks`` may narrow it); perplexities and the earlier tasks come back
+   from the journal.
 
 After each stage: ``results.json`` and ``README.md`` (setup, tables, findings computed from the numbers:
 held / did not hold / not measured yet); at the end the figures: ``ppl_vs_length.png``,
@@ -22,7 +24,10 @@ held / did not hold / not measured yet); at the end the figures: ``ppl_vs_length
 
 Every evaluation goes through ``run_eval`` with one ``Journal`` (``OUT_DIR/journal.jsonl``): a perplexity
 or an answer computed once is never recomputed, so an interrupted evaluation continues where it stopped.
-Perplexity comes first for every model, since the retrieval grid costs most at long context on a CPU.
+Perplexity comes first for every model, since the retrieval grid costs most at long context on a CPU. With
+``--report DIR`` the journal is copied there too, and a run starts by taking the entries of ``DIR``'s journal
+that its own lacks: commit it, and a fresh checkout skips the evaluations already done (entries are keyed by
+the weights, so a fine-tuned model's are reused only when its retraining gives the same weights).
 
     python experiments/evidence_real.py CONFIG OUT_DIR [--report DIR] [--quiet]
 """
@@ -59,7 +64,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN_META = ("name", "label", "tasks")
 RETRIEVAL = ("passkey", "needle")
 #: files the report writes (copied to --report)
-REPORT_FILES = ("results.json", "README.md")
+REPORT_FILES = ("results.json", "README.md", "journal.jsonl")
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -294,6 +299,22 @@ def fmt_number(x: Any) -> str:
 def run_tasks(cfg: dict) -> dict[str, list[str]]:
     """Each run's evaluation tasks: its own ``tasks``, else the config's ``eval.tasks``."""
     return {r["name"]: list(r.get("tasks") or cfg["eval"]["tasks"]) for r in cfg["runs"]}
+
+
+def retrieval_phases(tasks: list[str]) -> list[tuple[str, list[str]]]:
+    """Stage (e) as phases ``(name, tasks)``: each adds the next retrieval task of ``tasks`` to the ones before
+    (perplexity kept); the last, named ``all``, is every task."""
+    retrieval = [t for t in tasks if t != "ppl"]
+    return [
+        ("all" if i == len(retrieval) - 1 else task, [t for t in tasks if t == "ppl" or t in retrieval[: i + 1]])
+        for i, task in enumerate(retrieval)
+    ]
+
+
+def narrowed(wanted: list[str], phase_tasks: list[str]) -> list[str]:
+    """A run's tasks within a phase's; empty when that leaves no retrieval task (nothing new to evaluate)."""
+    kept = [t for t in wanted if t in phase_tasks]
+    return kept if any(t != "ppl" for t in kept) else []
 
 
 def findings(results: dict) -> list[dict]:
@@ -558,9 +579,11 @@ def _run(cfg: dict, out: Path, report: Path | None, progress: bool) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     stages = out / "stages"
     journal = Journal(out / "journal.jsonl", resume=True)
+    if report is not None and (report / "journal.jsonl").exists():  # the committed one: work of earlier checkouts
+        log(f"journal: {journal.absorb(report / 'journal.jsonl')} entries taken from {report / 'journal.jsonl'}")
     heldout = out / "data" / "heldout"
     tasks = run_tasks(cfg)
-    full = [name for name, t in tasks.items() if t != ["ppl"]]
+    phases = retrieval_phases(cfg["eval"]["tasks"])
     results: dict = {
         "command": cfg["command"],
         "config": copy.deepcopy(cfg),
@@ -572,8 +595,14 @@ def _run(cfg: dict, out: Path, report: Path | None, progress: bool) -> dict:
                 "zero_shot:ppl",
                 *(f"train:{name}" for name in tasks),
                 *(f"{kind}:{name}" for name in tasks for kind in ("eval:ppl", "reload")),
-                "zero_shot:all",
-                *(f"eval:all:{name}" for name in full),
+                *(
+                    stage_name
+                    for phase, phase_tasks in phases
+                    for stage_name in (
+                        f"zero_shot:{phase}",
+                        *(f"eval:{phase}:{name}" for name in tasks if narrowed(tasks[name], phase_tasks)),
+                    )
+                ),
             ],
             "pending",
         ),
@@ -593,7 +622,8 @@ def _run(cfg: dict, out: Path, report: Path | None, progress: bool) -> dict:
         if report is not None:
             report.mkdir(parents=True, exist_ok=True)
             for path in [*(out / f for f in REPORT_FILES), *out.glob("*.png")]:
-                shutil.copy2(path, report / path.name)
+                if path.exists():  # the journal appears with the first result
+                    shutil.copy2(path, report / path.name)
 
     base_cfg = base_recipe(cfg, out)
     source = {"model": cfg["model"], "tiny": [base_cfg.tiny_context, base_cfg.tiny_width, base_cfg.tiny_layers]}
@@ -664,12 +694,14 @@ def _run(cfg: dict, out: Path, report: Path | None, progress: bool) -> dict:
         key = {"spec": spec_key(check), "weights": entry["train"]["final_hash"], **split_key}
         entry["reload"] = stage(stages / f"reload-{name}.json", key, reload_check, log, timings)
         publish(f"reload:{name}")
-    # (e) the retrieval grid (every task of the config), zero-shot then fine-tuned; perplexity comes from the journal
-    zero_shot("all", cfg["eval"]["tasks"])
-    base.clear()
-    for r in cfg["runs"]:
-        if r["name"] in full:
-            evaluate_run(r, "all", tasks[r["name"]])
+    # (e) the retrieval grid, one task at a time, each zero-shot then fine-tuned, so the findings on a task are in
+    # before the next starts; perplexity and the earlier tasks come back from the journal
+    for phase, phase_tasks in phases:
+        zero_shot(phase, phase_tasks)
+        base.clear()
+        for r in cfg["runs"]:
+            if run_phase_tasks := narrowed(tasks[r["name"]], phase_tasks):
+                evaluate_run(r, phase, run_phase_tasks)
     publish(None, plots=True)
     log(f"wrote {out / 'results.json'}" + (f" and the report to {report}" if report else ""))
     return results

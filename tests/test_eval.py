@@ -271,6 +271,26 @@ def test_cli_eval_resumes_from_its_journal(tmp_path, monkeypatch, capsys):
     assert len(calls) == 8  # other weights: nothing reused
 
 
+def test_journal_absorbs_the_entries_of_another_it_lacks(tmp_path):
+    """A committed journal seeds a fresh one: its missing entries are added and written at once (a cut-short
+    line skipped), its own are kept, and a second absorb adds nothing."""
+    from hf_posenc.eval.journal import Journal
+
+    committed = Journal(tmp_path / "committed.jsonl")
+    for i in range(3):
+        committed.put({"kind": "answer", "i": i}, f"from the report {i}")
+    with committed.path.open("a") as handle:
+        handle.write('{"key": "cut')  # killed while writing
+    work = Journal(tmp_path / "work" / "journal.jsonl", resume=True)
+    work.put({"kind": "answer", "i": 0}, "computed here")
+    assert work.absorb(committed.path) == 2 and work.absorb(committed.path) == 0
+    reread = Journal(work.path, resume=True)
+    assert len(reread) == 3 and reread.get({"kind": "answer", "i": 0}) == "computed here"
+    assert reread.get({"kind": "answer", "i": 2}) == "from the report 2"
+    fresh = Journal(tmp_path / "fresh" / "journal.jsonl", resume=True)  # nothing there yet: written by absorb
+    assert fresh.absorb(committed.path) == 3 and len(Journal(fresh.path, resume=True)) == 3
+
+
 def test_lm_eval_bridge_sees_the_patch(tmp_path):
     pytest.importorskip("lm_eval")
     import hf_posenc

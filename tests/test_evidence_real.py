@@ -71,6 +71,11 @@ def test_results_json_and_report(twin):
     cfg = results["config"]
     assert results["command"] == CONFIG.read_text().splitlines()[0].lstrip("# ")
     assert results["complete"] and set(results["stages"].values()) == {"done"}
+    retrieval_stages = [k for k in results["stages"] if k.split(":")[0] in ("zero_shot", "eval") and "ppl" not in k]
+    assert retrieval_stages == [  # one task at a time: passkey's findings are in before needle starts
+        "zero_shot:passkey", "eval:passkey:linear2-pose", "eval:passkey:yarn2-pose",
+        "zero_shot:all", "eval:all:linear2-pose", "eval:all:yarn2-pose",
+    ]  # fmt: skip
     assert results["split"]["heldout_books"] == list(range(44, 66)) and results["split"]["train_books"] == 44
     assert sorted(p.name for p in (out / "data" / "heldout").glob("*.txt"))[0] == "044.txt"
     assert list(results["zero_shot"]) == ["none", "linear:factor=2", "yarn:factor=2"]
@@ -159,7 +164,7 @@ def test_rerun_reuses_every_stage(twin, capsys):
     metrics = {name: (out / "runs" / name / "metrics.jsonl").stat().st_mtime_ns for name in RUNS}
     again = experiment().run(CONFIG, out, progress=False)
     printed = capsys.readouterr().out
-    assert "[run]" not in printed and printed.count("[reused]") == 14
+    assert "[run]" not in printed and printed.count("[reused]") == 17
     assert numbers(again) == numbers(results)
     assert {name: (out / "runs" / name / "metrics.jsonl").stat().st_mtime_ns for name in RUNS} == metrics
 
@@ -181,6 +186,33 @@ def test_rerun_from_the_checkpoints_gives_the_same_numbers(twin, capsys):
     assert printed.count("resumed from") == 3 and "[reused]" not in printed
     assert all(r["train"]["resumed_from"] == "checkpoint-0000004" for r in again["runs"].values())
     assert numbers(again) == numbers(results)
+
+
+def test_a_fresh_checkout_takes_the_committed_journal(twin, tmp_path, capsys):
+    """The report's journal (committed) seeds a new work folder: the runs retrain to the same weights, so not
+    one perplexity or answer is computed again, and the numbers are the reported ones."""
+    out, results, _ = twin
+    report = tmp_path / "report"
+    report.mkdir()
+    shutil.copy2(out / "journal.jsonl", report / "journal.jsonl")
+    entries = len((report / "journal.jsonl").read_text().splitlines())
+    fresh = tmp_path / "out"
+    again = experiment().run(CONFIG, fresh, report=report, progress=False)
+    assert f"journal: {entries} entries taken from" in capsys.readouterr().out
+    assert len((fresh / "journal.jsonl").read_text().splitlines()) == entries  # nothing evaluated again
+    assert numbers(again) == numbers(results)
+    assert (report / "journal.jsonl").read_text() == (fresh / "journal.jsonl").read_text()
+    assert (report / "README.md").exists() and (report / "results.json").exists()
+
+
+def test_retrieval_phases_add_one_task_at_a_time():
+    er = experiment()
+    assert er.retrieval_phases(["ppl", "passkey", "needle"]) == [
+        ("passkey", ["ppl", "passkey"]), ("all", ["ppl", "passkey", "needle"])
+    ]  # fmt: skip
+    assert er.retrieval_phases(["needle"]) == [("all", ["needle"])] and er.retrieval_phases(["ppl"]) == []
+    assert er.narrowed(["ppl"], ["ppl", "passkey"]) == [] and er.narrowed(["ppl", "needle"], ["ppl", "passkey"]) == []
+    assert er.narrowed(["ppl", "needle", "passkey"], ["ppl", "passkey"]) == ["ppl", "passkey"]
 
 
 def test_adapters_and_merged_models_reload_to_the_reported_numbers(twin, one_thread):

@@ -55,6 +55,30 @@ class Journal:
         os.replace(staged, self.path)
         self._kept = None
 
+    def absorb(self, path: str | Path) -> int:
+        """Add the entries of another journal at ``path`` (one committed beside a report, say) that this one
+        lacks, written here at once; how many were added. Keys carry what determines an entry, so an entry
+        made for other weights or prompts is absorbed but never matched."""
+        added: list[str] = []
+        for line in Path(path).read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record["key"] not in self.entries:
+                self.entries[record["key"]] = record["value"]
+                added.append(line)
+        if added:
+            if self._kept is not None:
+                self._kept.extend(added)
+                self._start()
+            else:
+                with self.path.open("a") as handle:
+                    handle.write("".join(f"{line}\n" for line in added))
+                    handle.flush()
+                    os.fsync(handle.fileno())
+        return len(added)
+
     def get(self, fields: dict[str, Any]) -> Any | None:
         value = self.entries.get(entry_key(fields))
         self.reused += value is not None
