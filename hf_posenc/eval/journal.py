@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,15 @@ def entry_key(fields: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+def _records(path: Path) -> Iterator[tuple[str, dict]]:
+    """``(line, record)`` for each whole line of a journal file (a line cut short by a crash is skipped)."""
+    for line in path.read_text().splitlines():
+        try:
+            yield line, json.loads(line)
+        except json.JSONDecodeError:
+            continue
+
+
 class Journal:
     """Append-only JSON lines at ``path``; ``resume=False`` starts it empty (at the first result). A line
     cut short by a crash is skipped on reading (the entry is recomputed)."""
@@ -38,11 +48,7 @@ class Journal:
         self.reused = 0
         self._kept: list[str] | None = []  # lines to start the file with, at the first put (None: started)
         if resume and self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
+            for line, record in _records(self.path):
                 self.entries[record["key"]] = record["value"]
                 self._kept.append(line)
 
@@ -55,28 +61,26 @@ class Journal:
         os.replace(staged, self.path)
         self._kept = None
 
+    def _append(self, lines: list[str]) -> None:
+        """``lines`` at the end of the file (created first, with the kept lines), flushed to disk."""
+        if self._kept is not None:
+            self._start()
+        with self.path.open("a") as handle:
+            handle.write("".join(f"{line}\n" for line in lines))
+            handle.flush()
+            os.fsync(handle.fileno())
+
     def absorb(self, path: str | Path) -> int:
         """Add the entries of another journal at ``path`` (one committed beside a report, say) that this one
         lacks, written here at once; how many were added. Keys carry what determines an entry, so an entry
         made for other weights or prompts is absorbed but never matched."""
         added: list[str] = []
-        for line in Path(path).read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+        for line, record in _records(Path(path)):
             if record["key"] not in self.entries:
                 self.entries[record["key"]] = record["value"]
                 added.append(line)
         if added:
-            if self._kept is not None:
-                self._kept.extend(added)
-                self._start()
-            else:
-                with self.path.open("a") as handle:
-                    handle.write("".join(f"{line}\n" for line in added))
-                    handle.flush()
-                    os.fsync(handle.fileno())
+            self._append(added)
         return len(added)
 
     def get(self, fields: dict[str, Any]) -> Any | None:
@@ -87,12 +91,7 @@ class Journal:
     def put(self, fields: dict[str, Any], value: Any) -> None:
         key = entry_key(fields)
         self.entries[key] = value
-        if self._kept is not None:
-            self._start()
-        with self.path.open("a") as handle:
-            handle.write(json.dumps({"key": key, "fields": fields, "value": value}) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        self._append([json.dumps({"key": key, "fields": fields, "value": value})])
 
     def __len__(self) -> int:
         return len(self.entries)

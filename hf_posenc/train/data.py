@@ -45,8 +45,8 @@ def pack_blocks(tokenizer, texts: list[str], block: int, *, num_proc: int = 1, m
         texts = kept
 
     key = stream_key(tokenizer, texts, max_tokens)
-    if key is not None and key in _LAST_STREAM:
-        return blocks_of(_LAST_STREAM[key], block)
+    if (kept := _LAST_STREAM.get(key)) is not None:  # .get: another thread may replace it meanwhile
+        return blocks_of(kept, block)
 
     def tokenize(batch):
         ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
