@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.end_to_end
 
 
 def test_gpu_script_runs_at_toy_size_on_cpu(tmp_path):

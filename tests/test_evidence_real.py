@@ -17,6 +17,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "experiments" / "evidence_real_tiny.yaml"
+pytestmark = pytest.mark.end_to_end
 RUNS = ("linear2-pose", "yarn2-pose", "linear2-pose-lora-only")
 
 

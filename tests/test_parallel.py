@@ -362,6 +362,7 @@ def launch(tmp_path: Path, worker: str, timeout: int = 600) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.end_to_end
 def test_torch_context_parallel_shards_positions_and_targets_with_the_tokens(tmp_path):
     """torch's own context_parallel (2 gloo processes; only its attention needs a GPU) shards a
     prepare_batch batch's buffers in place: each rank holds shard_batch's shard, positions and targets
@@ -419,6 +420,7 @@ def free_port() -> int:
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+@pytest.mark.end_to_end
 def test_ulysses_two_processes_match_one_process(tmp_path):
     """DeepSpeed Ulysses on 2 gloo processes: each rank's logits equal its slice of the one-process
     forward, and the gradient (scaled losses, averaged over ranks) equals the one-process gradient;
@@ -490,6 +492,7 @@ def ulysses_worker(out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.end_to_end
 def test_gpu_script_dry_run_passes_on_cpu():
     """benchmarks/gpu_parallel.py --dry-run: the accelerate configs, every case's plan and its emulated shards."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_parallel.py"

@@ -32,6 +32,7 @@ def small_llama(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.end_to_end
 def test_estimate_holds_against_a_measured_step(small_llama, tmp_path):
     """benchmarks/train_memory.py measures one LoRA step (plain and chunked loss) in fresh processes."""
     command = [sys.executable, str(ROOT / "benchmarks" / "train_memory.py"), "--model", str(small_llama)]

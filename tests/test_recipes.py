@@ -159,6 +159,7 @@ def test_load_adapter_output_names_the_other_loader(tmp_path):
         load_adapter_output(tmp_path)
 
 
+@pytest.mark.end_to_end
 def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert run_script(CONFIG, straight).returncode == 0
@@ -171,6 +172,7 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.end_to_end
 def test_kill_during_save_leaves_no_corrupt_checkpoint(tmp_path):
     out = tmp_path / "run"
     crash = run_script(CONFIG, out, env={"HF_POSENC_FAULT": "kill-during-save"})
@@ -180,6 +182,7 @@ def test_kill_during_save_leaves_no_corrupt_checkpoint(tmp_path):
     assert not list(out.glob(".checkpoint-*.tmp")) and (out / "final" / "model.safetensors").exists()
 
 
+@pytest.mark.end_to_end
 def test_two_process_ddp_matches_one_process(tmp_path):
     config = ROOT / "recipes" / "configs" / "llama" / "tiny_pi2_full.yaml"
     single = run_script(config, tmp_path / "one", "batch_size=4")
@@ -238,6 +241,7 @@ def pretrain(model: str, out: Path, steps: int = 150) -> Path:
     return train(cfg, progress=False).final_dir
 
 
+@pytest.mark.end_to_end
 def test_recipes_show_their_point(tmp_path):
     """GPT-2 learned -> RoPE: after the swap, fine-tuning at twice the old table's length brings the loss
     below the zero-shot swap and runs past the table as well as the original ran inside it. LLaMA +
