@@ -154,13 +154,23 @@ _WIDTH = {"hidden_size": 64, "n_embd": 64, "d_model": 64}
 _HEADS = ("num_attention_heads", "n_head", "num_heads")
 _KV_HEADS = ("num_key_value_heads", "num_kv_heads", "multi_query_group_num")
 _LAYERS = ("num_hidden_layers", "n_layer", "num_layers")
-_INTERMEDIATE = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")
+_INTERMEDIATE = (
+    "intermediate_size",
+    "ffn_dim",
+    "n_inner",
+    "ffn_hidden_size",
+    "expert_ffn_hidden_size",  # LongCat-Flash
+    "dense_intermediate_size",  # MiniMax-M3
+    "shared_intermediate_size",
+)
 _SMALL = {
     "moe_intermediate_size": 32,
     "shared_expert_intermediate_size": 32,
     "num_experts": 4,
     "num_local_experts": 4,
     "n_routed_experts": 4,
+    "zero_expert_num": 4,  # LongCat-Flash: identity experts, and its top-k
+    "moe_topk": 2,
     "num_experts_per_tok": 2,
     "n_shared_experts": 1,
     "first_k_dense_replace": 0,
@@ -172,6 +182,7 @@ _SMALL = {
     "qk_nope_head_dim": 8,
     "v_head_dim": 16,
     "sliding_window": 16,
+    "hidden_size_per_layer_input": 16,  # Gemma 3n / 4: per-layer embeddings (their vocabulary: below)
 }
 
 
@@ -201,6 +212,8 @@ def tiny_rotary_config(model_type: str, *, context: int = 64, vocab: int = 97, *
     kwargs.update(
         vocab_size=vocab, max_position_embeddings=context, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1
     )
+    if isinstance(present.get("vocab_size_per_layer_input"), int):  # 262,144 x layers x width otherwise
+        kwargs["vocab_size_per_layer_input"] = vocab
     kwargs["bos_token_id"] = 1
     if isinstance(present.get("original_max_position_embeddings"), int):  # Phi-3 keeps it beside the rope
         kwargs["original_max_position_embeddings"] = context
@@ -216,6 +229,7 @@ def tiny_rotary_config(model_type: str, *, context: int = 64, vocab: int = 97, *
             layers = max(layers, len(values))
             kwargs[key] = (values * 2)[:layers]
     kwargs.update({k: layers for k in _LAYERS if isinstance(present.get(k), int)})
+    kwargs.update({k: [128] * layers for k in _INTERMEDIATE if isinstance(present.get(k), list)})  # one per layer
     kwargs.update(TINY_OVERRIDES.get(model_type, {}))
     kwargs.update(overrides)
     return AutoConfig.for_model(model_type, **kwargs)
