@@ -529,14 +529,19 @@ def write_report(results: dict, out: Path, *, plots: bool = True, gpu: bool = Fa
         "## Tables",
         "",
         *task_sections(results, out, plots),
-        "![perplexity vs length](ppl_vs_length.png)",
-        "",
-        f"![loss by position at {long}](position_loss.png)",
-        "",
-        "![fine-tuning loss](train_loss.png)",
-        "",
-        *(f"![{task} heatmap]({task}_heatmap.png)\n" for task in ev["tasks"] if task != "ppl"),
     ]
+    if plots:  # drawn once every stage is done: a partial report links no figure that is not there
+        lines += [
+            "![perplexity vs length](ppl_vs_length.png)",
+            "",
+            f"![loss by position at {long}](position_loss.png)",
+            "",
+            "![fine-tuning loss](train_loss.png)",
+            "",
+            *(f"![{task} heatmap]({task}_heatmap.png)\n" for task in ev["tasks"] if task != "ppl"),
+        ]
+    else:
+        lines += ["Figures: drawn when every stage is done.", ""]
     if plots:
         plot_training(results, out / "train_loss.png")
     if gpu:

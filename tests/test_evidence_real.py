@@ -95,7 +95,7 @@ def test_results_json_and_report(twin):
     assert "## Fine-tune for longer context" in readme and "| PoSE YaRN x2 (+emb/norm) |" in readme
     assert "Status: complete" in readme and "| PoSE linear x2, LoRA only |" in readme
     for png in ("ppl_vs_length", "position_loss", "passkey_heatmap", "needle_heatmap", "train_loss"):
-        assert (out / f"{png}.png").stat().st_size > 1000
+        assert (out / f"{png}.png").stat().st_size > 1000 and f"]({png}.png)" in readme
 
 
 def test_findings_are_computed_from_the_numbers(twin):
@@ -139,6 +139,7 @@ def test_a_partial_run_reports_what_is_pending(twin, tmp_path):
     readme = (tmp_path / "README.md").read_text()
     assert "Status: partial, pending: train:linear2-pose, " in readme and "| zero-shot: none |" in readme
     assert "**not measured yet**: after fine-tuning (linear2-pose)" in readme
+    assert ".png)" not in readme and "Figures: drawn when every stage is done." in readme  # none drawn yet
     assert "| linear2-pose | linear:factor=2 | lora r=8 | True / True | 96 | 768 | 6 | \u2014 |" in readme
 
 
