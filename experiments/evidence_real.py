@@ -540,10 +540,9 @@ def write_report(results: dict, out: Path, *, plots: bool = True, gpu: bool = Fa
             "",
             *(f"![{task} heatmap]({task}_heatmap.png)\n" for task in ev["tasks"] if task != "ppl"),
         ]
+        plot_training(results, out / "train_loss.png")
     else:
         lines += ["Figures: drawn when every stage is done.", ""]
-    if plots:
-        plot_training(results, out / "train_loss.png")
     if gpu:
         lines += ["## GPU run", "", "See [gpu.md](gpu.md) (`python benchmarks/gpu_evidence_real.py`).", ""]
     (out / "README.md").write_text("\n".join(lines).rstrip() + "\n")
