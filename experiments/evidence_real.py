@@ -13,10 +13,10 @@ c. fine-tuning: each run of ``runs`` through ``hf_posenc.train.train`` into ``OU
    (``save_merged: false``), then merged into ``OUT_DIR/runs/<name>/merged`` (``hf_posenc.from_pretrained``);
 d. perplexity of each merged model as saved; then the reload check: the adapter output loaded with
    ``hf_posenc.train.load_adapter_output`` scores the merged model's perplexity at the trained context;
-e. the whole grid (``eval.tasks``: passkey and needle at ``eval.depths`` x ``eval.trials``), one retrieval
-   task at a time (stages ``zero_shot-passkey``, ``eval-passkey-<run>``, then ``...-all`` with every task),
-   zero-shot and fine-tuned (a run's ``tasks`` may narrow it); perplexities and the earlier tasks come back
-   from the journal.
+e. the whole grid (``eval.tasks``: passkey and needle at ``eval.depths`` x ``eval.trials``): each fine-tuned
+   run whole, one retrieval task at a time (``eval-passkey-<run>``, then ``eval-all-<run>`` with every task; a
+   run's ``tasks`` may narrow it), then the base model zero-shot (``zero_shot-passkey``, ``zero_shot-all``);
+   perplexities and the earlier tasks come back from the journal.
 
 After each stage: ``results.json`` and ``README.md`` (setup, tables, findings computed from the numbers:
 held / did not hold / not measured yet); at the end the figures: ``ppl_vs_length.png``,
@@ -27,7 +27,9 @@ or an answer computed once is never recomputed, so an interrupted evaluation con
 Perplexity comes first for every model, since the retrieval grid costs most at long context on a CPU. With
 ``--report DIR`` the journal is copied there too, and a run starts by taking the entries of ``DIR``'s journal
 that its own lacks: commit it, and a fresh checkout skips the evaluations already done (entries are keyed by
-the weights, so a fine-tuned model's are reused only when its retraining gives the same weights).
+the weights, so a fine-tuned model's are reused only when its retraining gives the same weights, which holds on
+one machine, not across CPUs). A run whose every stage is done in ``DIR/results.json`` (made from this same
+config) is carried: a checkout without its weights keeps its numbers and does not retrain it.
 
     python experiments/evidence_real.py CONFIG OUT_DIR [--report DIR] [--quiet]
 """
@@ -187,6 +189,28 @@ def files_hash(folder: Path) -> str:
             for block in iter(lambda fh=fh: fh.read(1 << 24), b""):
                 digest.update(block)
     return digest.hexdigest()[:32]
+
+
+def carried_runs(cfg: dict, report: Path | None, out: Path) -> dict[str, dict]:
+    """The runs of ``report/results.json`` (the committed report) with every stage done, when that report was
+    made from this very config and ``out`` lacks the run's weights: ``{name: its committed entry}``, with the
+    committed timings of its stages under ``timings``. A fresh checkout (another machine: training is
+    deterministic on one machine only) keeps their numbers instead of retraining; a run with a stage still
+    pending is retrained, and all of its stages evaluated again from its new weights."""
+    path = report / "results.json" if report is not None else None
+    if path is None or not path.exists():
+        return {}
+    committed = json.loads(path.read_text())
+    if committed.get("config") != json.loads(json.dumps(cfg)):
+        return {}
+    carried = {}
+    for name, entry in committed["runs"].items():
+        own = {k: v for k, v in committed["stages"].items() if k.split(":")[-1] == name}
+        if own and set(own.values()) == {"done"} and not (out / "runs" / name / "final").is_dir():
+            suffix = f"-{name}"
+            timings = {k: v for k, v in committed.get("timings", {}).items() if k.endswith(suffix)}
+            carried[name] = {**entry, "timings": timings}
+    return carried
 
 
 def metrics_rows(run_dir: Path) -> list[dict]:
@@ -486,6 +510,14 @@ def write_report(results: dict, out: Path, *, plots: bool = True, gpu: bool = Fa
         f"{machine['device']} ({machine['threads']} torch threads), torch {machine['torch']}, transformers "
         f"{machine['transformers']}, float32.",
         "",
+        *(
+            [
+                f"Carried from an earlier session's report (trained and evaluated there, weights not kept): {carried}.",
+                "",
+            ]
+            if (carried := ", ".join(n for n, r in results["runs"].items() if r.get("carried")))
+            else []
+        ),
         "## Setup",
         "",
         f"- Data: the embedded `{split.get('corpus', cfg['corpus'])}` corpus (documents = books). Held out: books "
@@ -600,13 +632,12 @@ def _run(cfg: dict, out: Path, report: Path | None, progress: bool) -> dict:
                 *(f"train:{name}" for name in tasks),
                 *(f"{kind}:{name}" for name in tasks for kind in ("eval:ppl", "reload")),
                 *(
-                    stage_name
+                    f"eval:{phase}:{name}"
+                    for name in tasks
                     for phase, phase_tasks in phases
-                    for stage_name in (
-                        f"zero_shot:{phase}",
-                        *(f"eval:{phase}:{name}" for name in tasks if narrowed(tasks[name], phase_tasks)),
-                    )
+                    if narrowed(tasks[name], phase_tasks)
                 ),
+                *(f"zero_shot:{phase}" for phase, _ in phases),
             ],
             "pending",
         ),
@@ -615,6 +646,20 @@ def _run(cfg: dict, out: Path, report: Path | None, progress: bool) -> dict:
             for r in cfg["runs"]
         },
     }
+
+    # runs finished in the committed report, whose weights this checkout lacks: their results, not retrained
+    # (read before the first publish rewrites the report)
+    carried = carried_runs(cfg, report, out)
+    for name, committed in carried.items():
+        results["runs"][name].update({k: committed[k] for k in ("train", "eval", "reload")}, carried=True)
+        results["timings"].update(committed["timings"])
+        for stage_name in results["stages"]:
+            if stage_name.split(":")[-1] == name:
+                results["stages"][stage_name] = "done"
+        log(
+            f"[carried] {name}: every stage done in {report / 'results.json'} "
+            f"(weights {committed['train']['final_hash']}, trained in an earlier checkout)"
+        )
 
     def publish(done: str | None, plots: bool = False) -> None:
         if done is not None:
@@ -678,12 +723,14 @@ def _run(cfg: dict, out: Path, report: Path | None, progress: bool) -> dict:
     for r in cfg["runs"]:
         name = r["name"]
         run_dir = out / "runs" / name
+        if name in carried:
+            continue
         results["runs"][name]["train"] = summary = fine_tune(recipe(cfg, r, out), progress, log)
         timings[f"train-{name}"] = summary["seconds_last_session"]
         merge(run_dir / "final", run_dir / "merged", summary["final_hash"], log)
         publish(f"train:{name}")
     # (d) perplexity of every merged run as saved; the adapter output reloads to the same perplexity
-    for r in cfg["runs"]:
+    for r in (r for r in cfg["runs"] if r["name"] not in carried):
         name, entry = r["name"], results["runs"][r["name"]]
         evaluate_run(r, "ppl", ["ppl"])
         check = eval_spec(cfg, heldout, ["none"], ["ppl"])
@@ -698,14 +745,17 @@ def _run(cfg: dict, out: Path, report: Path | None, progress: bool) -> dict:
         key = {"spec": spec_key(check), "weights": entry["train"]["final_hash"], **split_key}
         entry["reload"] = stage(stages / f"reload-{name}.json", key, reload_check, log, timings)
         publish(f"reload:{name}")
-    # (e) the retrieval grid, one task at a time, each zero-shot then fine-tuned, so the findings on a task are in
-    # before the next starts; perplexity and the earlier tasks come back from the journal
+    # (e) the retrieval grid: each fine-tuned run whole (one task at a time), then the base model. A run's weights
+    # live only in this checkout (another machine retrains them to other bits), so a run finished here is carried
+    # by the committed report; the base model's answers carry anywhere through the journal. Perplexity and the
+    # earlier tasks come back from the journal.
+    for r in cfg["runs"]:
+        for phase, phase_tasks in phases:
+            if r["name"] not in carried and (run_phase_tasks := narrowed(tasks[r["name"]], phase_tasks)):
+                evaluate_run(r, phase, run_phase_tasks)
     for phase, phase_tasks in phases:
         zero_shot(phase, phase_tasks)
         base.clear()
-        for r in cfg["runs"]:
-            if run_phase_tasks := narrowed(tasks[r["name"]], phase_tasks):
-                evaluate_run(r, phase, run_phase_tasks)
     publish(None, plots=True)
     log(f"wrote {out / 'results.json'}" + (f" and the report to {report}" if report else ""))
     return results

@@ -73,9 +73,9 @@ def test_results_json_and_report(twin):
     assert results["command"] == CONFIG.read_text().splitlines()[0].lstrip("# ")
     assert results["complete"] and set(results["stages"].values()) == {"done"}
     retrieval_stages = [k for k in results["stages"] if k.split(":")[0] in ("zero_shot", "eval") and "ppl" not in k]
-    assert retrieval_stages == [  # one task at a time: passkey's findings are in before needle starts
-        "zero_shot:passkey", "eval:passkey:linear2-pose", "eval:passkey:yarn2-pose",
-        "zero_shot:all", "eval:all:linear2-pose", "eval:all:yarn2-pose",
+    assert retrieval_stages == [  # each fine-tuned run whole (its weights live here only), one task at a time
+        "eval:passkey:linear2-pose", "eval:all:linear2-pose", "eval:passkey:yarn2-pose", "eval:all:yarn2-pose",
+        "zero_shot:passkey", "zero_shot:all",
     ]  # fmt: skip
     assert results["split"]["heldout_books"] == list(range(44, 66)) and results["split"]["train_books"] == 44
     assert sorted(p.name for p in (out / "data" / "heldout").glob("*.txt"))[0] == "044.txt"
@@ -205,6 +205,33 @@ def test_a_fresh_checkout_takes_the_committed_journal(twin, tmp_path, capsys):
     assert numbers(again) == numbers(results)
     assert (report / "journal.jsonl").read_text() == (fresh / "journal.jsonl").read_text()
     assert (report / "README.md").exists() and (report / "results.json").exists()
+
+
+def test_a_fresh_checkout_carries_the_finished_runs_of_the_committed_report(twin, tmp_path, capsys):
+    """Another machine retrains to other bits, so a run finished in the committed report is carried (its numbers
+    kept, not retrained); a run with a stage pending there is retrained and evaluated again."""
+    er = experiment()
+    out, results, _ = twin
+    report = tmp_path / "report"
+    report.mkdir()
+    shutil.copy2(out / "journal.jsonl", report / "journal.jsonl")
+    committed = copy.deepcopy(results)
+    committed["stages"]["eval:all:yarn2-pose"] = "pending"
+    committed["runs"]["linear2-pose"]["eval"]["passkey"]["accuracy"] = [[0.5] * 3, [0.25] * 3]  # marks a carry
+    (report / "results.json").write_text(json.dumps(committed))
+    fresh = tmp_path / "out"
+    again = er.run(CONFIG, fresh, report=report, progress=False)
+    printed = capsys.readouterr().out
+    assert printed.count("[carried]") == 2 and "[carried] yarn2-pose" not in printed
+    assert sorted(p.name for p in (fresh / "runs").iterdir()) == ["yarn2-pose"]  # the only run trained
+    assert again["runs"]["linear2-pose"]["eval"]["passkey"]["accuracy"] == [[0.5] * 3, [0.25] * 3]
+    assert again["runs"]["linear2-pose"]["carried"] and "carried" not in again["runs"]["yarn2-pose"]
+    assert numbers(again)["runs"]["yarn2-pose"] == numbers(results)["runs"]["yarn2-pose"]
+    assert again["complete"] and "Carried from an earlier session's report" in (report / "README.md").read_text()
+    assert er.carried_runs(results["config"], report, tmp_path / "elsewhere")  # the report now carries every run
+    other = {**results["config"], "seed": 1}
+    assert er.carried_runs(other, report, tmp_path / "elsewhere") == {}  # another config carries nothing
+    assert er.carried_runs(results["config"], report, out) == {}  # the weights are here: nothing is carried
 
 
 def test_retrieval_phases_add_one_task_at_a_time():
