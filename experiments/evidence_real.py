@@ -191,6 +191,11 @@ def files_hash(folder: Path) -> str:
     return digest.hexdigest()[:32]
 
 
+def stages_of(stages: dict[str, str], name: str) -> list[str]:
+    """The stage names of run ``name`` (``train:<name>``, ``eval:<phase>:<name>``, ``reload:<name>``)."""
+    return [stage_name for stage_name in stages if stage_name.split(":")[-1] == name]
+
+
 def carried_runs(cfg: dict, report: Path | None, out: Path) -> dict[str, dict]:
     """The runs of ``report/results.json`` (the committed report) with every stage done, when that report was
     made from this very config and ``out`` lacks the run's weights: ``{name: its committed entry}``, with the
@@ -205,8 +210,8 @@ def carried_runs(cfg: dict, report: Path | None, out: Path) -> dict[str, dict]:
         return {}
     carried = {}
     for name, entry in committed["runs"].items():
-        own = {k: v for k, v in committed["stages"].items() if k.split(":")[-1] == name}
-        if own and set(own.values()) == {"done"} and not (out / "runs" / name / "final").is_dir():
+        own = [committed["stages"][k] for k in stages_of(committed["stages"], name)]
+        if own and set(own) == {"done"} and not (out / "runs" / name / "final").is_dir():
             suffix = f"-{name}"
             timings = {k: v for k, v in committed.get("timings", {}).items() if k.endswith(suffix)}
             carried[name] = {**entry, "timings": timings}
@@ -653,9 +658,7 @@ def _run(cfg: dict, out: Path, report: Path | None, progress: bool) -> dict:
     for name, committed in carried.items():
         results["runs"][name].update({k: committed[k] for k in ("train", "eval", "reload")}, carried=True)
         results["timings"].update(committed["timings"])
-        for stage_name in results["stages"]:
-            if stage_name.split(":")[-1] == name:
-                results["stages"][stage_name] = "done"
+        results["stages"].update(dict.fromkeys(stages_of(results["stages"], name), "done"))
         log(
             f"[carried] {name}: every stage done in {report / 'results.json'} "
             f"(weights {committed['train']['final_hash']}, trained in an earlier checkout)"
@@ -720,17 +723,16 @@ def _run(cfg: dict, out: Path, report: Path | None, progress: bool) -> dict:
     zero_shot("ppl", ["ppl"])
     base.clear()
     # (c) fine-tune every run (the recipe's checkpoints make each resumable); merge its adapter
-    for r in cfg["runs"]:
+    trained = [r for r in cfg["runs"] if r["name"] not in carried]
+    for r in trained:
         name = r["name"]
         run_dir = out / "runs" / name
-        if name in carried:
-            continue
         results["runs"][name]["train"] = summary = fine_tune(recipe(cfg, r, out), progress, log)
         timings[f"train-{name}"] = summary["seconds_last_session"]
         merge(run_dir / "final", run_dir / "merged", summary["final_hash"], log)
         publish(f"train:{name}")
     # (d) perplexity of every merged run as saved; the adapter output reloads to the same perplexity
-    for r in (r for r in cfg["runs"] if r["name"] not in carried):
+    for r in trained:
         name, entry = r["name"], results["runs"][r["name"]]
         evaluate_run(r, "ppl", ["ppl"])
         check = eval_spec(cfg, heldout, ["none"], ["ppl"])
@@ -749,9 +751,9 @@ def _run(cfg: dict, out: Path, report: Path | None, progress: bool) -> dict:
     # live only in this checkout (another machine retrains them to other bits), so a run finished here is carried
     # by the committed report; the base model's answers carry anywhere through the journal. Perplexity and the
     # earlier tasks come back from the journal.
-    for r in cfg["runs"]:
+    for r in trained:
         for phase, phase_tasks in phases:
-            if r["name"] not in carried and (run_phase_tasks := narrowed(tasks[r["name"]], phase_tasks)):
+            if run_phase_tasks := narrowed(tasks[r["name"]], phase_tasks):
                 evaluate_run(r, phase, run_phase_tasks)
     for phase, phase_tasks in phases:
         zero_shot(phase, phase_tasks)
