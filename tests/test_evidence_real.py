@@ -277,16 +277,20 @@ def test_a_run_must_name_its_zero_shot_scheme(tmp_path):
         experiment().load_experiment(tmp_path / "bad.yaml")
 
 
-def test_gpu_evidence_script_runs_at_toy_size_on_cpu(tmp_path):
-    out = tmp_path / "gpu.md"
-    script = ROOT / "benchmarks" / "gpu_evidence_real.py"
-    proc = subprocess.run(
-        [sys.executable, str(script), "--toy", "--out", str(out), "--work", str(tmp_path / "work")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+GPU_SCRIPT = ROOT / "benchmarks" / "gpu_evidence_real.py"
+
+
+def gpu_toy(out: Path, work: Path) -> str:
+    """The GPU script at toy size on CPU (its stdout)."""
+    argv = [sys.executable, str(GPU_SCRIPT), "--toy", "--out", str(out), "--work", str(work)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_gpu_evidence_script_runs_at_toy_size_on_cpu_and_a_new_lease_runs_only_what_is_missing(tmp_path):
+    out = tmp_path / "gpu.md"
+    gpu_toy(out, tmp_path / "work")
     text = out.read_text()
     assert "(CPU (toy))" in text and "x4 to 1,024" in text
     for row in ("zero-shot: none", "zero-shot: yarn:factor=4", "yarn-full", "yarn-pose", "linear-full", "linear-pose"):
@@ -298,3 +302,29 @@ def test_gpu_evidence_script_runs_at_toy_size_on_cpu(tmp_path):
     assert all(r["eval"]["ppl"][1]["length"] == 1024 for r in results["runs"].values())
     assert len(results["findings"]) == 8 and all(f["held"] in (True, False) for f in results["findings"])
     assert (tmp_path / "gpu" / "ppl_vs_length.png").stat().st_size > 1000
+    assert not results["carried"] and "Carried from" not in text
+
+    # a new lease: a fresh machine (no work folder) and a committed report whose last run was over budget
+    results["runs"]["linear-pose"] = {"skipped": True, "recipe": results["runs"]["linear-pose"]["recipe"]}
+    results["runs"]["yarn-full"]["eval"]["ppl"][1]["ppl"] = 1234.5  # planted: survives only if carried
+    results["zero_shot"]["none"]["ppl"][1]["ppl"] = 4321.5
+    out.with_suffix(".json").write_text(json.dumps(results))
+    log = gpu_toy(out, tmp_path / "new-lease")
+    again = json.loads(out.with_suffix(".json").read_text())
+    assert again["carried"] == ["zero-shot", "yarn-full", "yarn-pose", "linear-full"]
+    assert "[carried] yarn-full" in log and "[carried] linear-pose" not in log
+    assert not (tmp_path / "new-lease" / "runs" / "yarn4-full").exists()
+    assert (tmp_path / "new-lease" / "runs" / "linear4-pose" / "final").is_dir()
+    assert again["runs"]["yarn-full"]["eval"]["ppl"][1]["ppl"] == 1234.5
+    assert again["zero_shot"]["none"]["ppl"][1]["ppl"] == 4321.5
+    assert again["runs"]["linear-pose"]["eval"]["ppl"][1]["length"] == 1024
+    assert "| 1234.50 |" in out.read_text() and "Carried from the earlier report" in out.read_text()
+
+    # another report's settings carry nothing
+    gpu = importlib.util.spec_from_file_location("gpu_evidence_real", GPU_SCRIPT)
+    module = importlib.util.module_from_spec(gpu)
+    gpu.loader.exec_module(module)
+    assert module.earlier_report(out.with_suffix(".json"), again)["runs"] == again["runs"]
+    other = {**again, "settings": {**again["settings"], "factor": 8}}
+    assert module.earlier_report(out.with_suffix(".json"), other) == {}
+    assert module.earlier_report(out.with_suffix(".json"), {**again, "device": "NVIDIA H100"}) == {}
